@@ -1,0 +1,66 @@
+"""Reference gradients by automatic differentiation (``jax.value_and_grad``).
+
+Untruncated, this is ``jax.value_and_grad(jaxrnn.loss)``. Truncated, the loss
+is rewritten so that autodiff sees exactly the truncated graph: the forward
+states are computed once and ``jax.lax.stop_gradient``-ed, each chunk's window
+re-runs the RNN from its (constant) start state, and only that chunk's loss
+terms are scored inside it. The windows of all chunks are folded into the
+batch axis and run in one scan.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxrnn._src import checks, windows
+from jaxrnn._src.bptt import _OPTIONS
+from jaxrnn._src.rnn import forward_layers, readout, step_losses, weighted_total
+
+
+def _full_loss(params, h0, inp: checks.Inputs, loss: str):
+  hs = forward_layers(params, inp.xs, h0, inp.valid, inp.reset, h0)
+  out = readout(params, hs[-1])
+  return weighted_total(step_losses(out, inp.targets, loss), inp.weights, inp.xs.shape[1])
+
+
+def _truncated_loss(params, h0, inp: checks.Inputs, loss: str):
+  T, B = inp.xs.shape[:2]
+  win = windows.make_windows(T, inp.truncation)
+  C = win.steps.shape[0]
+  # Exact forward states; as window starts they are constants.
+  hs = jax.lax.stop_gradient(forward_layers(params, inp.xs, h0, inp.valid, inp.reset, h0))
+  reaches_h0 = jnp.asarray(win.from_start)[:, None, None]
+  starts = tuple(
+      jnp.where(reaches_h0, h_0[None],                                     # from step 0: h0
+                windows.start_states(h, h_0, win).reshape((C, B, -1))     # else constant
+                ).reshape((C * B, -1))
+      for h, h_0 in zip(hs, h0))
+  hs_w = forward_layers(
+      params, windows.gather(inp.xs, win), starts,
+      windows.window_mask(inp.valid, win, B),
+      None if inp.reset is None else windows.gather(inp.reset, win),
+      tuple(windows.tile(h_0, C) for h_0 in h0))
+  out = readout(params, hs_w[-1])
+  targets = windows.gather(inp.targets, win)
+  return weighted_total(step_losses(out, targets, loss),
+                        windows.chunk_weights(inp.weights, win), B)
+
+
+@functools.partial(jax.jit, static_argnames=_OPTIONS)
+def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
+                  tau_max=None, tau_b=None, lengths=None, loss_weights=None, resets=None,
+                  return_dh0=False):
+  """Loss and gradients by ``jax.value_and_grad``: the reference for :func:`bptt`.
+
+  Same arguments and return as :func:`bptt`. Without truncation this is
+  ``jax.value_and_grad(jaxrnn.loss, argnums=(0, h0))``; with truncation the
+  windows are realised with ``jax.lax.stop_gradient`` on the state at each
+  window's start (see :mod:`jaxrnn._src.windows`).
+  """
+  inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
+                       lengths=lengths, loss_weights=loss_weights, resets=resets,
+                       tau_max=tau_max, tau_b=tau_b)
+  fn = _full_loss if inp.truncation is None else _truncated_loss
+  value, (grads, dh0) = jax.value_and_grad(fn, argnums=(0, 1))(params, inp.h0, inp, loss)
+  return (value, grads, dh0) if return_dh0 else (value, grads)

@@ -1,0 +1,292 @@
+"""Input validation shared by every public function.
+
+Everything that can be checked from shapes, dtypes and static options is
+checked here, at trace time, before any array work: a bad call raises a
+``ValueError`` or ``TypeError`` whose message names the argument, what was
+expected and what was given. Checks on *values* (for example that every
+``lengths[b]`` lies in ``[1, T]``) cannot run on traced arrays; they live in
+:func:`validate_inputs`, which callers run eagerly on concrete data.
+"""
+
+import numbers
+from typing import Any, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrnn._src.activations import get_activation
+
+LOSSES = ("mse", "xent")
+
+
+def _shape(x) -> Tuple[int, ...]:
+  return tuple(np.shape(x))
+
+
+def _dtype(x):
+  return jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype
+
+
+def check_params(params) -> None:
+  """Checks that ``params`` is a consistent :class:`RNNParams`."""
+  from jaxrnn._src.params import LayerParams, Readout, RNNParams  # no cycle
+  if not isinstance(params, RNNParams):
+    raise TypeError(f"params must be an RNNParams (see jaxrnn.init_params); "
+                    f"got {type(params).__name__}.")
+  get_activation(params.activation)
+  if not isinstance(params.layers, tuple) or not params.layers:
+    raise ValueError("params.layers must be a non-empty tuple of LayerParams; "
+                     f"got {params.layers!r:.80}.")
+  d_in = None
+  for l, layer in enumerate(params.layers):
+    if not isinstance(layer, LayerParams):
+      raise TypeError(f"params.layers[{l}] must be a LayerParams; "
+                      f"got {type(layer).__name__}.")
+    sx, sh, sb = _shape(layer.W_xh), _shape(layer.W_hh), _shape(layer.b_h)
+    if len(sx) != 2:
+      raise ValueError(f"params.layers[{l}].W_xh must have shape [D_in, H]; got {sx}.")
+    h = sx[1]
+    if sh != (h, h):
+      raise ValueError(f"params.layers[{l}].W_hh must have shape [H, H] = {(h, h)}; "
+                       f"got {sh}.")
+    if sb != (h,):
+      raise ValueError(f"params.layers[{l}].b_h must have shape [H] = {(h,)}; got {sb}.")
+    if d_in is not None and sx[0] != d_in:
+      raise ValueError(f"params.layers[{l}].W_xh must have {d_in} rows (the width of "
+                       f"layer {l - 1}); got shape {sx}.")
+    d_in = h
+  if params.readout is not None:
+    if not isinstance(params.readout, Readout):
+      raise TypeError(f"params.readout must be a Readout or None; "
+                      f"got {type(params.readout).__name__}.")
+    sy, sby = _shape(params.readout.W_hy), _shape(params.readout.b_y)
+    if len(sy) != 2 or sy[0] != d_in:
+      raise ValueError(f"params.readout.W_hy must have shape [H_L, O] with H_L = {d_in}; "
+                       f"got {sy}.")
+    if sby != (sy[1],):
+      raise ValueError(f"params.readout.b_y must have shape [O] = {(sy[1],)}; got {sby}.")
+  dtypes = {str(_dtype(x)) for x in jax.tree.leaves(params)}
+  if len(dtypes) != 1 or not jnp.issubdtype(_dtype(jax.tree.leaves(params)[0]), jnp.floating):
+    raise TypeError(f"params must all share one floating dtype; got {sorted(dtypes)}.")
+
+
+def param_dtype(params):
+  return _dtype(params.layers[0].W_xh)
+
+
+def input_size(params) -> int:
+  return _shape(params.layers[0].W_xh)[0]
+
+
+def hidden_sizes(params) -> Tuple[int, ...]:
+  return tuple(_shape(layer.W_hh)[0] for layer in params.layers)
+
+
+def output_size(params) -> int:
+  if params.readout is None:
+    return hidden_sizes(params)[-1]
+  return _shape(params.readout.W_hy)[1]
+
+
+def check_int_option(name: str, value, *, allow_none: bool = True) -> Optional[int]:
+  """Checks a static positive-integer option such as ``tau_max``."""
+  if value is None and allow_none:
+    return None
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}; "
+                     f"got {value!r} ({type(value).__name__}).")
+  if value < 1:
+    raise ValueError(f"{name} must be >= 1; got {value}.")
+  return int(value)
+
+
+class Truncation(NamedTuple):
+  """Normalised truncation: chunks of ``tau_b`` steps, windows of ``window``."""
+  tau_b: int
+  window: int  # min(tau_max, T): the number of steps each chunk's gradient spans
+
+
+def check_truncation(tau_max, tau_b, T: int) -> Optional[Truncation]:
+  """Validates ``tau_max``/``tau_b`` and returns None when nothing is truncated.
+
+  ``tau_max=None``, or ``tau_max >= T``, leaves every gradient path intact,
+  whatever ``tau_b`` is.
+  """
+  tau_max = check_int_option("tau_max", tau_max)
+  tau_b = check_int_option("tau_b", tau_b)
+  if tau_max is not None and tau_b is not None and tau_max < tau_b:
+    raise ValueError(f"tau_max must be >= tau_b (else some losses would get no gradient "
+                     f"path); got tau_max={tau_max}, tau_b={tau_b}.")
+  if tau_max is None or tau_max >= T:
+    return None
+  return Truncation(tau_b=tau_max if tau_b is None else tau_b, window=tau_max)
+
+
+class Inputs(NamedTuple):
+  """Validated, normalised inputs shared by the manual and autodiff paths."""
+  xs: jax.Array                   # [T, B, D] in the params' dtype; 0 at padded steps
+  h0: Tuple[jax.Array, ...]       # one [B, H_l] per layer
+  valid: Optional[jax.Array]      # [T, B] bool, False past a sequence's length
+  reset: Optional[jax.Array]      # [T, B] bool, resets at valid steps only
+  targets: jax.Array              # [T, B, O] float (mse) / [T, B] int (xent); 0 where unscored
+  weights: jax.Array              # [T, B] weight of each step's loss term
+  truncation: Optional[Truncation]
+
+
+def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
+            lengths=None, loss_weights=None, resets=None, tau_max=None,
+            tau_b=None) -> Inputs:
+  """Checks every argument and returns them normalised as :class:`Inputs`.
+
+  With ``targets=None`` only the forward-pass arguments are checked, and
+  ``targets``/``weights`` of the result are None.
+  """
+  check_params(params)
+  dtype = param_dtype(params)
+  hs = hidden_sizes(params)
+
+  if not hasattr(xs, "shape"):
+    xs = jnp.asarray(xs)
+  if xs.ndim != 3:
+    raise ValueError(f"xs must have shape [T, B, D] (rank 3, time-major); "
+                     f"got shape {_shape(xs)}.")
+  T, B, D = xs.shape
+  if not jnp.issubdtype(xs.dtype, jnp.floating):
+    raise TypeError(f"xs must have a floating dtype; got {xs.dtype}.")
+  if T == 0:
+    raise ValueError(f"xs must have at least one time step (T >= 1); got shape {xs.shape}.")
+  if B == 0:
+    raise ValueError(f"xs must have at least one sequence (B >= 1); got shape {xs.shape}.")
+  if D != input_size(params):
+    raise ValueError(f"xs has input size D = {D}, but params expect "
+                     f"D = {input_size(params)} (params.layers[0].W_xh is "
+                     f"{_shape(params.layers[0].W_xh)}); got xs shape {xs.shape}.")
+  xs = xs.astype(dtype)
+
+  if h0 is None:
+    h0 = tuple(jnp.zeros((B, h), dtype) for h in hs)
+  else:
+    if not isinstance(h0, (tuple, list)) or len(h0) != len(hs):
+      got = f"{type(h0).__name__} of length {len(h0)}" if isinstance(h0, (tuple, list)) \
+          else f"{type(h0).__name__} of shape {_shape(h0)}"
+      raise ValueError(f"h0 must be None or a tuple of {len(hs)} arrays (one [B, H_l] per "
+                       f"layer, shapes {[(B, h) for h in hs]}); got {got}.")
+    for l, (h, size) in enumerate(zip(h0, hs)):
+      if _shape(h) != (B, size):
+        raise ValueError(f"h0[{l}] must have shape [B, H_{l + 1}] = {(B, size)}; "
+                         f"got {_shape(h)}.")
+      if not jnp.issubdtype(_dtype(h), jnp.floating):
+        raise TypeError(f"h0[{l}] must have a floating dtype; got {_dtype(h)}.")
+    h0 = tuple(jnp.asarray(h).astype(dtype) for h in h0)
+
+  valid = None
+  if lengths is not None:
+    if _shape(lengths) != (B,):
+      raise ValueError(f"lengths must have shape [B] = {(B,)}; got {_shape(lengths)}.")
+    if not jnp.issubdtype(_dtype(lengths), jnp.integer):
+      raise TypeError(f"lengths must have an integer dtype; got {_dtype(lengths)}.")
+    lengths = jnp.asarray(lengths)
+    valid = jnp.arange(T, dtype=lengths.dtype)[:, None] < lengths[None, :]
+    xs = jnp.where(valid[:, :, None], xs, 0)  # padded inputs can never leak (NaN-safe)
+
+  reset = None
+  if resets is not None:
+    if _shape(resets) != (T, B):
+      raise ValueError(f"resets must have shape [T, B] = {(T, B)}; got {_shape(resets)}.")
+    if _dtype(resets) != jnp.bool_:
+      raise TypeError(f"resets must have dtype bool; got {_dtype(resets)}.")
+    reset = jnp.asarray(resets)
+    if valid is not None:
+      reset = reset & valid
+
+  truncation = check_truncation(tau_max, tau_b, T)
+  if targets is None:
+    return Inputs(xs, h0, valid, reset, None, None, truncation)
+
+  if loss not in LOSSES:
+    raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}.")
+  if not isinstance(many_to_one, (bool, np.bool_)):
+    raise TypeError(f"many_to_one must be a bool; got {many_to_one!r}.")
+  O = output_size(params)
+  lead = (B,) if many_to_one else (T, B)
+  want = lead + ((O,) if loss == "mse" else ())
+  if _shape(targets) != want:
+    axes = ("[B" if many_to_one else "[T, B") + (", O]" if loss == "mse" else "]")
+    raise ValueError(f"targets must have shape {axes} = {want} for loss={loss!r}, "
+                     f"many_to_one={many_to_one}; got {_shape(targets)}.")
+  targets = jnp.asarray(targets)
+  if loss == "xent":
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+      raise TypeError(f"targets must be integer class indices for loss='xent'; "
+                      f"got dtype {targets.dtype}.")
+  elif not jnp.issubdtype(targets.dtype, jnp.floating):
+    raise TypeError(f"targets must have a floating dtype for loss='mse'; "
+                    f"got {targets.dtype}.")
+  else:
+    targets = targets.astype(dtype)
+
+  if loss_weights is not None:
+    if many_to_one:
+      raise ValueError("loss_weights and many_to_one=True cannot be combined: many_to_one "
+                       "already puts weight 1 on each sequence's last valid step.")
+    if _shape(loss_weights) != (T, B):
+      raise ValueError(f"loss_weights must have shape [T, B] = {(T, B)}; "
+                       f"got {_shape(loss_weights)}.")
+    if not jnp.issubdtype(_dtype(loss_weights), jnp.floating):
+      raise TypeError(f"loss_weights must have a floating dtype; got {_dtype(loss_weights)}.")
+    weights = jnp.asarray(loss_weights).astype(dtype)
+    if valid is not None:
+      weights = jnp.where(valid, weights, 0)
+  elif many_to_one:
+    last = (jnp.full((B,), T - 1) if lengths is None else lengths - 1)
+    weights = (jnp.arange(T, dtype=last.dtype)[:, None] == last[None, :]).astype(dtype)
+    targets = jnp.broadcast_to(targets[None], (T,) + targets.shape)
+  elif valid is not None:
+    weights = valid.astype(dtype)
+  else:
+    weights = jnp.ones((T, B), dtype)
+  # Unscored targets are zeroed so that NaN or out-of-range values there cannot
+  # reach a loss term or its gradient (0 * NaN would).
+  scored = weights != 0
+  targets = jnp.where(scored[:, :, None] if loss == "mse" else scored, targets, 0)
+  return Inputs(xs, h0, valid, reset, targets, weights, truncation)
+
+
+def validate_inputs(params, xs, targets=None, **options) -> None:
+  """Eagerly checks shapes *and values* of concrete inputs; raises on the first problem.
+
+  On top of the trace-time checks every public function already runs, this
+  checks what needs concrete values: ``lengths`` in ``[1, T]``, finite
+  ``xs`` at valid steps, non-negative ``loss_weights`` and (xent) class
+  indices in ``[0, O)`` at scored steps. Call it once on your data before a
+  jitted training loop.
+
+  Args:
+    params: RNNParams.
+    xs: [T, B, D] inputs.
+    targets: as for :func:`jaxrnn.loss`, or None to check forward inputs only.
+    **options: the keyword options of :func:`jaxrnn.bptt`.
+  """
+  prepared = prepare(params, xs, targets, **options)
+  T = np.shape(xs)[0]
+  lengths = options.get("lengths")
+  if lengths is not None:
+    lengths = np.asarray(lengths)
+    bad = np.flatnonzero((lengths < 1) | (lengths > T))
+    if bad.size:
+      raise ValueError(f"lengths must lie in [1, T] = [1, {T}]; got lengths[{bad[0]}] = "
+                       f"{lengths[bad[0]]}.")
+  x = np.asarray(prepared.xs)
+  if not np.isfinite(x).all():
+    raise ValueError("xs has non-finite values at valid (non-padded) steps.")
+  if options.get("loss_weights") is not None:
+    w = np.asarray(options["loss_weights"])
+    if not np.isfinite(w).all() or (w < 0).any():
+      raise ValueError("loss_weights must be finite and >= 0.")
+  if targets is not None and options.get("loss", "mse") == "xent":
+    y = np.asarray(prepared.targets)
+    O = output_size(params)
+    if (y < 0).any() or (y >= O).any():
+      raise ValueError(f"targets must be class indices in [0, O) = [0, {O}) at scored steps; "
+                       f"got values in [{y.min()}, {y.max()}].")

@@ -1,0 +1,112 @@
+"""Parameter pytrees of a stacked Elman RNN and their initialisation.
+
+Row-vector convention, layer ``l = 1..L`` at step ``t``::
+
+    z^l_t = h^{l-1}_t W_xh^l + h^l_{t-1} W_hh^l + b_h^l      (h^0_t = x_t)
+    h^l_t = f(z^l_t)
+    y_t   = h^L_t W_hy + b_y                                 (optional readout)
+"""
+
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from jaxrnn._src.activations import get_activation
+
+
+class LayerParams(NamedTuple):
+  """Weights of one recurrent layer."""
+  W_xh: jax.Array  # [D_in, H]  input (layer below) -> hidden; "S-weights"
+  W_hh: jax.Array  # [H, H]     hidden -> hidden, one step later; "T-weights"
+  b_h: jax.Array   # [H]        hidden bias
+
+
+class Readout(NamedTuple):
+  """Affine map from the top layer's hidden state to the outputs."""
+  W_hy: jax.Array  # [H_L, O]
+  b_y: jax.Array   # [O]
+
+
+class RNNParams(NamedTuple):
+  """All parameters of a stacked RNN.
+
+  ``activation`` is static metadata, not a leaf: ``jax.tree.leaves(params)``
+  holds only arrays, gradients keep the same tree structure (activation
+  included), and optax updates them like any other pytree.
+  """
+  layers: Tuple[LayerParams, ...]  # one per layer, bottom first
+  readout: Optional[Readout]       # None: outputs are the top hidden states
+  activation: str = "tanh"         # static: "tanh" | "sigmoid" | "relu" | "identity"
+
+
+jax.tree_util.register_pytree_with_keys(
+    RNNParams,
+    lambda p: (((jax.tree_util.GetAttrKey("layers"), p.layers),
+                (jax.tree_util.GetAttrKey("readout"), p.readout)), p.activation),
+    lambda activation, children: RNNParams(*children, activation),
+    flatten_func=lambda p: ((p.layers, p.readout), p.activation),
+)
+
+
+def init_params(
+    key: jax.Array,
+    input_size: int,
+    hidden_sizes: Union[int, Sequence[int]],
+    output_size: Optional[int] = None,
+    *,
+    activation: str = "tanh",
+    dtype=jnp.float32,
+) -> RNNParams:
+  """Initialises a stacked Elman RNN.
+
+  * ``W_xh``: scaled normal, variance ``1 / D_in`` (LeCun), or ``2 / D_in``
+    (He) for ``relu``, so pre-activations start with unit variance.
+  * ``W_hh``: a random orthogonal matrix (all singular values 1), the usual
+    choice that keeps early gradients from vanishing or exploding
+    (Saxe et al. 2014; Le et al. 2015).
+  * ``W_hy``: normal with variance ``1 / H_L``; all biases zero.
+
+  Args:
+    key: a PRNG key (``jax.random.key`` or ``PRNGKey``).
+    input_size: D, the size of each input vector.
+    hidden_sizes: (H_1, ..., H_L), one width per layer (an int means one layer).
+    output_size: O, the readout size; None for no readout (outputs = h^L).
+    activation: ``"tanh"``, ``"sigmoid"``, ``"relu"`` or ``"identity"``.
+    dtype: floating dtype of every parameter.
+
+  Returns:
+    ``RNNParams(layers, readout, activation)``.
+  """
+  get_activation(activation)
+  if isinstance(hidden_sizes, int):
+    hidden_sizes = (hidden_sizes,)
+  hidden_sizes = tuple(hidden_sizes)
+  if not hidden_sizes:
+    raise ValueError("hidden_sizes must name at least one layer; got ().")
+  for name, size in [("input_size", input_size),
+                     *[(f"hidden_sizes[{i}]", h) for i, h in enumerate(hidden_sizes)],
+                     *([("output_size", output_size)] if output_size is not None else [])]:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+      raise ValueError(f"{name} must be a positive int; got {size!r}.")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"dtype must be a floating dtype; got {dtype}.")
+
+  keys = jax.random.split(key, 2 * len(hidden_sizes) + 1)
+  in_init = (jax.nn.initializers.he_normal() if activation == "relu"
+             else jax.nn.initializers.lecun_normal())
+  rec_init = jax.nn.initializers.orthogonal()
+  layers = []
+  d_in = input_size
+  for l, h in enumerate(hidden_sizes):
+    layers.append(LayerParams(
+        W_xh=in_init(keys[2 * l], (d_in, h), dtype),
+        W_hh=rec_init(keys[2 * l + 1], (h, h), dtype),
+        b_h=jnp.zeros((h,), dtype)))
+    d_in = h
+  readout = None
+  if output_size is not None:
+    readout = Readout(
+        W_hy=jax.nn.initializers.lecun_normal()(keys[-1], (d_in, output_size), dtype),
+        b_y=jnp.zeros((output_size,), dtype))
+  return RNNParams(tuple(layers), readout, activation)

@@ -1,0 +1,181 @@
+"""Forward pass of a stacked Elman RNN and the training loss.
+
+Notation (row vectors, time-major ``[T, B, ...]`` arrays)::
+
+    z^l_t = h^{l-1}_t W_xh^l + h^l_{t-1} W_hh^l + b_h^l      (h^0_t = x_t)
+    h^l_t = f(z^l_t)
+    o_t   = h^L_t W_hy + b_y            (o_t = h^L_t without a readout)
+
+The stack is evaluated layer by layer: each layer's input projection
+``h^{l-1} W_xh + b_h`` is one matrix product over all T steps, and the
+``lax.scan`` over time carries only ``h`` and does one ``[B, H] @ [H, H]``
+product per step.
+
+Masks (all optional): a step where ``valid`` is False keeps the previous
+state (``h_t = h_{t-1}``), a step where ``reset`` is True reads the initial
+state instead of ``h_{t-1}``.
+"""
+
+import functools
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxrnn._src import checks
+from jaxrnn._src.activations import get_activation
+from jaxrnn._src.params import LayerParams
+
+
+def elman_step(layer: LayerParams, h: jax.Array, x: jax.Array, *,
+               activation: str = "tanh") -> Tuple[jax.Array, jax.Array]:
+  """One step of one Elman layer, shaped for ``lax.scan``.
+
+  .. math:: h_t = f(x_t W_{xh} + h_{t-1} W_{hh} + b_h)
+
+  Args:
+    layer: LayerParams with W_xh [D, H], W_hh [H, H], b_h [H].
+    h: [B, H] previous state h_{t-1}.
+    x: [B, D] input x_t.
+    activation: name of f.
+
+  Returns:
+    ``(h_t, h_t)``: the new carry and the step's output, both [B, H].
+  """
+  f = get_activation(activation).fn
+  h_new = f(x @ layer.W_xh + h @ layer.W_hh + layer.b_h[None, :])
+  return h_new, h_new
+
+
+def scan_layer(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
+  """Runs one layer over time from precomputed input projections.
+
+  Args:
+    W_hh: [H, H] recurrent weights.
+    f: the activation function.
+    xproj: [T, N, H] input projections ``h^{l-1}_t W_xh + b_h``.
+    h_start: [N, H] state before the first step.
+    valid: optional [T, N] bool; False freezes the state.
+    reset: optional [T, N] bool; True makes the step read ``h_reset``.
+    h_reset: [N, H] the state a reset restores.
+
+  Returns:
+    hs: [T, N, H], the state after every step.
+  """
+  def step(h, inp):
+    xp_t, v_t, r_t = inp
+    h_in = h if r_t is None else jnp.where(r_t[:, None], h_reset, h)  # reset -> h0
+    h_new = f(xp_t + h_in @ W_hh)                                     # h_t = f(z_t)
+    if v_t is not None:
+      h_new = jnp.where(v_t[:, None], h_new, h)                       # padded: frozen
+    return h_new, h_new
+
+  _, hs = lax.scan(step, h_start, (xproj, valid, reset))
+  return hs
+
+
+def project(inp, layer: LayerParams):
+  """``[T, N, D] -> [T, N, H]``: input projection for all steps at once."""
+  return jnp.einsum("tnd,dh->tnh", inp, layer.W_xh) + layer.b_h[None, None, :]
+
+
+def forward_layers(params, xs, h_start, valid=None, reset=None, h_reset=None):
+  """All layers, bottom up. Returns a tuple of [T, N, H_l] hidden states."""
+  f = get_activation(params.activation).fn
+  hs, inp = [], xs
+  for l, layer in enumerate(params.layers):
+    inp = scan_layer(layer.W_hh, f, project(inp, layer), h_start[l], valid, reset,
+                     None if h_reset is None else h_reset[l])
+    hs.append(inp)
+  return tuple(hs)
+
+
+def readout(params, h_top):
+  """``[T, N, H_L] -> [T, N, O]`` outputs (identity without a readout)."""
+  if params.readout is None:
+    return h_top
+  return jnp.einsum("tnh,ho->tno", h_top, params.readout.W_hy) + params.readout.b_y[None, None, :]
+
+
+def step_losses(out, targets, loss: str):
+  """Per-step loss terms ``[T, N]``: ½‖o − y‖² (mse) or −log softmax(o)[y] (xent)."""
+  if loss == "mse":
+    return 0.5 * jnp.sum(jnp.square(out - targets), axis=-1)
+  logp = jax.nn.log_softmax(out, axis=-1)
+  return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def weighted_total(terms, weights, batch: int):
+  """Σ_t Σ_b w_tb ℓ_tb / B."""
+  return jnp.sum(weights * terms) / batch
+
+
+_FORWARD_DOC_SHAPES = """
+  Shapes: T time steps, B sequences, D inputs, H_l units in layer l, L layers,
+  O outputs.
+"""
+
+
+@functools.partial(jax.jit, static_argnames=())
+def forward(params, xs, h0=None, *, lengths=None, resets=None):
+  """Runs the RNN over a batch of sequences (``lax.scan`` over time).
+
+  .. math::
+     z^l_t = h^{l-1}_t W_{xh}^l + h^l_{t-1} W_{hh}^l + b_h^l,\\quad
+     h^l_t = f(z^l_t),\\quad y_t = h^L_t W_{hy} + b_y
+
+  Args:
+    params: RNNParams.
+    xs: [T, B, D] inputs, time-major.
+    h0: None (zeros) or a tuple of L arrays [B, H_l]: the initial state.
+    lengths: optional [B] int in [1, T]: sequences are right-padded to T; past
+      its length a sequence's state is frozen and its inputs are ignored.
+    resets: optional [T, B] bool: where True the state is reset to ``h0``
+      before the step is computed.
+
+  Returns:
+    ``(h_last, hs, ys)``: h_last a tuple of L arrays [B, H_l] (the state after
+    step T-1, i.e. at each sequence's length); hs a tuple of L arrays
+    [T, B, H_l]; ys [T, B, O] (readout at every step), or hs[-1] without
+    a readout.
+  """
+  inp = checks.prepare(params, xs, None, h0=h0, lengths=lengths, resets=resets)
+  hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, inp.h0)
+  return tuple(h[-1] for h in hs), hs, readout(params, hs[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "many_to_one"))
+def loss(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
+         lengths=None, loss_weights=None, resets=None):
+  """Training loss of the RNN on a batch (a scalar).
+
+  .. math::
+     \\mathcal{L} = \\frac{1}{B} \\sum_b \\sum_t w_{tb}\\, \\ell(o_{tb}, y_{tb}),\\quad
+     \\ell_{\\rm mse} = \\tfrac12 \\lVert o - y \\rVert^2,\\quad
+     \\ell_{\\rm xent} = -\\log \\mathrm{softmax}(o)_y
+
+  The weights ``w`` are 1 on every step (many-to-many), 1 on each sequence's
+  last valid step only (``many_to_one``), or ``loss_weights``; steps past a
+  sequence's length always weigh 0.
+
+  Args:
+    params: RNNParams.
+    xs: [T, B, D] inputs.
+    targets: [T, B, O] float (mse) or [T, B] int classes (xent); with
+      ``many_to_one`` [B, O] / [B].
+    loss: ``"mse"`` or ``"xent"``.
+    many_to_one: score only the last (valid) step of each sequence.
+    h0: None or a tuple of L arrays [B, H_l].
+    lengths: optional [B] int, see :func:`forward`.
+    loss_weights: optional [T, B] float, a weight on each step's loss term.
+    resets: optional [T, B] bool, see :func:`forward`.
+
+  Returns:
+    The scalar loss.
+  """
+  inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
+                       lengths=lengths, loss_weights=loss_weights, resets=resets)
+  hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, inp.h0)
+  out = readout(params, hs[-1])
+  return weighted_total(step_losses(out, inp.targets, loss), inp.weights, xs.shape[1])
