@@ -47,7 +47,6 @@ def _truncated_loss(params, h0, inp: checks.Inputs, loss: str):
                         windows.chunk_weights(inp.weights, win), B)
 
 
-@functools.partial(jax.jit, static_argnames=_OPTIONS)
 def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
                   tau_max=None, tau_b=None, lengths=None, loss_weights=None, resets=None,
                   return_dh0=False):
@@ -58,6 +57,15 @@ def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None
   windows are realised with ``jax.lax.stop_gradient`` on the state at each
   window's start (see :mod:`jaxrnn._src.windows`).
   """
+  tau_max, tau_b = checks.canonical_truncation(xs, tau_max, tau_b)
+  return _autodiff_bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
+                        tau_max=tau_max, tau_b=tau_b, lengths=lengths,
+                        loss_weights=loss_weights, resets=resets, return_dh0=return_dh0)
+
+
+@functools.partial(jax.jit, static_argnames=_OPTIONS)
+def _autodiff_bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths,
+                   loss_weights, resets, return_dh0):
   inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                        lengths=lengths, loss_weights=loss_weights, resets=resets,
                        tau_max=tau_max, tau_b=tau_b)

@@ -184,7 +184,18 @@ def _scatter_windows(d, win, T):
 _OPTIONS = ("loss", "many_to_one", "tau_max", "tau_b", "return_dh0")
 
 
-@functools.partial(jax.jit, static_argnames=_OPTIONS)
+@functools.partial(jax.jit, static_argnames=_OPTIONS + ("keep_deltas",))
+def _bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths,
+          loss_weights, resets, return_dh0, keep_deltas):
+  inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
+                       lengths=lengths, loss_weights=loss_weights, resets=resets,
+                       tau_max=tau_max, tau_b=tau_b)
+  res = manual_bptt(params, inp, loss, keep_deltas)
+  if keep_deltas:
+    return res.deltas
+  return (res.loss, res.grads, res.dh0) if return_dh0 else (res.loss, res.grads)
+
+
 def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max=None,
          tau_b=None, lengths=None, loss_weights=None, resets=None, return_dh0=False):
   """Loss and gradients by hand-written backpropagation through time.
@@ -237,14 +248,12 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
     >>> xs = jnp.ones((20, 4, 3)); ys = jnp.zeros((20, 4, 2))
     >>> value, grads = jaxrnn.bptt(params, xs, ys, loss="mse")
   """
-  inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
-                       lengths=lengths, loss_weights=loss_weights, resets=resets,
-                       tau_max=tau_max, tau_b=tau_b)
-  res = manual_bptt(params, inp, loss)
-  return (res.loss, res.grads, res.dh0) if return_dh0 else (res.loss, res.grads)
+  tau_max, tau_b = checks.canonical_truncation(xs, tau_max, tau_b)
+  return _bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
+               tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
+               resets=resets, return_dh0=return_dh0, keep_deltas=False)
 
 
-@functools.partial(jax.jit, static_argnames=_OPTIONS[:-1])
 def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
                     tau_max=None, tau_b=None, lengths=None, loss_weights=None, resets=None):
   """The backward deltas δh^l_t = ∂L/∂h^l_t of every layer and step (manual pass).
@@ -255,7 +264,7 @@ def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=No
   Returns:
     A tuple of L arrays [T, B, H_l].
   """
-  inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
-                       lengths=lengths, loss_weights=loss_weights, resets=resets,
-                       tau_max=tau_max, tau_b=tau_b)
-  return manual_bptt(params, inp, loss, keep_deltas=True).deltas
+  tau_max, tau_b = checks.canonical_truncation(xs, tau_max, tau_b)
+  return _bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
+               tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
+               resets=resets, return_dh0=False, keep_deltas=True)

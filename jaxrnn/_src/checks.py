@@ -123,6 +123,17 @@ def check_truncation(tau_max, tau_b, T: int) -> Optional[Truncation]:
   return Truncation(tau_b=tau_max if tau_b is None else tau_b, window=tau_max)
 
 
+def canonical_truncation(xs, tau_max, tau_b):
+  """``(tau_max, tau_b)`` in canonical form: ``(None, None)`` when nothing is cut.
+
+  Used before the jit boundary so that equivalent options share one compiled
+  function (``tau_max >= T`` and ``tau_max=None`` are the same, whatever tau_b).
+  """
+  T = np.shape(xs)[0] if np.ndim(xs) == 3 else 1
+  trunc = check_truncation(tau_max, tau_b, T)
+  return (None, None) if trunc is None else (trunc.window, trunc.tau_b)
+
+
 class Inputs(NamedTuple):
   """Validated, normalised inputs shared by the manual and autodiff paths."""
   xs: jax.Array                   # [T, B, D] in the params' dtype; 0 at padded steps

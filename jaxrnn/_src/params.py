@@ -7,6 +7,7 @@ Row-vector convention, layer ``l = 1..L`` at step ``t``::
     y_t   = h^L_t W_hy + b_y                                 (optional readout)
 """
 
+import functools
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
@@ -92,6 +93,13 @@ def init_params(
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be a floating dtype; got {dtype}.")
 
+  return _init(key, input_size, hidden_sizes, output_size, activation, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _init(key, input_size, hidden_sizes, output_size, activation, dtype):
+  # One compiled function: eager initialisation would compile each op (QR
+  # for the orthogonal matrices included) separately for every new shape.
   keys = jax.random.split(key, 2 * len(hidden_sizes) + 1)
   in_init = (jax.nn.initializers.he_normal() if activation == "relu"
              else jax.nn.initializers.lecun_normal())

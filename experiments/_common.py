@@ -1,0 +1,75 @@
+"""Shared plumbing of the experiment scripts: config from the command line, results, timing."""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import time
+from typing import Any, Callable, Sequence, Type, TypeVar
+
+import jax
+
+C = TypeVar("C")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def parse_config(cls: Type[C], argv: Sequence[str] | None = None, smoke: C | None = None) -> C:
+  """Builds a frozen dataclass config from ``--field value`` overrides.
+
+  ``--smoke`` starts from ``smoke`` (a tiny config that runs in seconds)
+  instead of the defaults; explicit overrides still apply on top.
+  """
+  parser = argparse.ArgumentParser(description=cls.__doc__)
+  parser.add_argument("--smoke", action="store_true", help="tiny run, for the tests")
+  fields = [f for f in dataclasses.fields(cls) if f.name != "smoke"]  # --smoke sets it
+  for f in fields:
+    kind = f.type if isinstance(f.type, type) else type(f.default)
+    if kind is bool:
+      parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"),
+                          default=None, help=f"(default {f.default})")
+    elif kind in (int, float, str):
+      parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
+    else:  # tuples and optionals: a Python literal
+      import ast
+      parser.add_argument(f"--{f.name}", type=ast.literal_eval, default=None,
+                          help=f"(default {f.default!r})")
+  args = parser.parse_args(argv)
+  base = smoke if (args.smoke and smoke is not None) else cls()
+  overrides = {f.name: getattr(args, f.name) for f in fields
+               if getattr(args, f.name) is not None}
+  return dataclasses.replace(base, **overrides)
+
+
+def results_dir(name: str, out: str | None = None) -> pathlib.Path:
+  path = pathlib.Path(out) if out else ROOT / "results" / name
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+  """Writes JSON atomically (write to a temporary file, then rename)."""
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+  os.replace(tmp, path)
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5, min_time: float = 0.05) -> float:
+  """Median seconds per call of a jitted ``fn`` after one warm-up call."""
+  jax.block_until_ready(fn())
+  n = 1
+  while True:  # calls per sample, so a sample lasts at least min_time
+    t0 = time.perf_counter()
+    for _ in range(n):
+      jax.block_until_ready(fn())
+    if time.perf_counter() - t0 >= min_time or n >= 1024:
+      break
+    n *= 2
+  samples = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(n):
+      jax.block_until_ready(fn())
+    samples.append((time.perf_counter() - t0) / n)
+  return statistics.median(samples)

@@ -1,0 +1,16 @@
+"""Strict JAX configuration for the whole suite: float64, and no silent broadcasting or promotion.
+
+XLA's backend optimisation level is lowered for the tests only: the suite is
+dominated by compile time, and correctness checks do not need optimised
+kernels (benchmarks run with the defaults).
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")

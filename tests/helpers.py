@@ -1,0 +1,86 @@
+"""Shared test helpers: random problems, tree comparison, pairwise designs."""
+
+import itertools
+from typing import Dict, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxrnn
+
+# Tolerances keyed by dtype, as in JAX's own RNN gradient tests.
+RTOL = {jnp.float64: 1e-10, jnp.float32: 1e-4}
+
+
+def make_problem(seed, *, T=6, B=3, D=3, hidden=(4,), O=2, activation="tanh",
+                 loss="mse", many_to_one=False, readout=True, dtype=jnp.float64,
+                 scale=1.0):
+  """Random params, inputs and targets of the requested sizes.
+
+  Drawn with NumPy (eager jax.random compiles a kernel for every new shape,
+  which would dominate the suite). Weights are scaled like init_params';
+  biases are non-zero so their gradients are exercised.
+  """
+  rng = np.random.default_rng(seed)
+  arr = lambda *shape, s=1.0: jnp.asarray(s * rng.normal(size=shape), dtype)
+  layers, d_in = [], D
+  for h in hidden:
+    layers.append(jaxrnn.LayerParams(W_xh=arr(d_in, h, s=scale / np.sqrt(d_in)),
+                                     W_hh=arr(h, h, s=scale / np.sqrt(h)),
+                                     b_h=arr(h, s=0.1)))
+    d_in = h
+  ro = jaxrnn.Readout(arr(d_in, O, s=scale / np.sqrt(d_in)), arr(O, s=0.1)) if readout else None
+  params = jaxrnn.RNNParams(tuple(layers), ro, activation)
+  xs = arr(T, B, D)
+  out = O if readout else hidden[-1]
+  lead = (B,) if many_to_one else (T, B)
+  if loss == "mse":
+    targets = arr(*lead, out)
+  else:
+    targets = jnp.asarray(rng.integers(0, out, size=lead), jnp.int32)
+  return params, xs, targets
+
+
+def random_h0(seed, B, hidden, dtype=jnp.float64):
+  rng = np.random.default_rng(1000 + seed)
+  return tuple(jnp.asarray(0.5 * rng.normal(size=(B, h)), dtype) for h in hidden)
+
+
+def assert_trees_close(actual, expected, rtol, atol=0.0, err=""):
+  """Leafwise assert_allclose with a scale-aware atol (relative to each leaf's max)."""
+  la, ta = jax.tree.flatten(actual)
+  le, te = jax.tree.flatten(expected)
+  assert ta == te, f"{err}: tree structures differ: {ta} vs {te}"
+  for path_a, a, e in zip(jax.tree_util.tree_flatten_with_path(actual)[0], la, le):
+    e = np.asarray(e)
+    scale = float(np.max(np.abs(e))) if e.size else 0.0
+    np.testing.assert_allclose(np.asarray(a), e, rtol=rtol, atol=atol + rtol * scale,
+                               err_msg=f"{err} at {jax.tree_util.keystr(path_a[0])}")
+
+
+def pairwise(factors: Dict[str, Sequence]) -> List[dict]:
+  """A greedy covering array: every pair of values of every two factors appears.
+
+  Deterministic; small enough to scan the full product for each pick.
+  """
+  names = list(factors)
+  uncovered = {(a, va, b, vb) for a, b in itertools.combinations(names, 2)
+               for va in factors[a] for vb in factors[b]}
+  product = [dict(zip(names, vals)) for vals in itertools.product(*factors.values())]
+  design = []
+
+  def gain(row):
+    return sum((a, row[a], b, row[b]) in uncovered for a, b in itertools.combinations(names, 2))
+
+  while uncovered:
+    best = max(product, key=gain)
+    design.append(best)
+    for a, b in itertools.combinations(names, 2):
+      uncovered.discard((a, best[a], b, best[b]))
+  return design
+
+
+def covered_pairs(design, factors):
+  return {(a, row[a], b, row[b]) for row in design
+          for a, b in itertools.combinations(list(factors), 2)}

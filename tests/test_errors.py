@@ -1,0 +1,59 @@
+"""Bad input raises a clear ValueError/TypeError naming the argument, at trace time."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxrnn
+from helpers import make_problem
+
+P, XS, Y = make_problem(0, T=4, B=2, D=3, hidden=(5, 4), O=2)
+CLS = jnp.zeros((4, 2), jnp.int32)
+
+
+@pytest.mark.parametrize("fn", [jaxrnn.bptt, jaxrnn.autodiff_bptt, jaxrnn.loss])
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda f: f(P, XS[0], Y), ValueError, ["xs", "rank 3", "(2, 3)"]),
+    (lambda f: f(P, jnp.ones((4, 2, 7)), Y), ValueError, ["xs", "D = 7", "D = 3"]),
+    (lambda f: f(P, XS, Y, h0=(jnp.zeros((2, 5)),)), ValueError, ["h0", "2 arrays", "length 1"]),
+    (lambda f: f(P, XS, Y, h0=(jnp.zeros((2, 5)), jnp.zeros((3, 4)))), ValueError,
+     ["h0[1]", "(2, 4)", "(3, 4)"]),
+    (lambda f: f(P, XS, Y[:, :, :1]), ValueError, ["targets", "(4, 2, 2)", "(4, 2, 1)"]),
+    (lambda f: f(P, XS, Y, many_to_one=True), ValueError, ["targets", "(2, 2)", "(4, 2, 2)"]),
+    (lambda f: f(P, XS, CLS.astype(jnp.float64), loss="xent"), TypeError, ["targets", "integer"]),
+    (lambda f: f(P, XS, Y, loss="hinge"), ValueError, ["loss", "'hinge'", "mse"]),
+    (lambda f: f(P._replace(activation="gelu"), XS, Y), ValueError, ["activation", "'gelu'"]),
+    (lambda f: f(P, jnp.ones((0, 2, 3)), Y[:0]), ValueError, ["xs", "T >= 1", "(0, 2, 3)"]),
+    (lambda f: f(P, jnp.ones((4, 2, 3), jnp.int32), Y), TypeError, ["xs", "floating", "int32"]),
+])
+def test_bad_input(fn, call, exc, words):
+  with pytest.raises(exc) as info:
+    call(fn)
+  for w in words:
+    assert w in str(info.value), (w, str(info.value))
+
+
+def test_bad_input_under_jit_raises_at_trace_time():
+  f = jax.jit(lambda x: jaxrnn.bptt(P, x, Y))
+  with pytest.raises(ValueError, match="xs has input size D = 7"):
+    f.lower(jax.ShapeDtypeStruct((4, 2, 7), jnp.float64))
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(hidden_sizes=()), ["hidden_sizes", "()"]),
+    (dict(hidden_sizes=(4, 0)), ["hidden_sizes[1]", "0"]),
+    (dict(hidden_sizes=(4,), activation="softplus"), ["activation", "'softplus'"]),
+    (dict(hidden_sizes=(4,), output_size=-1), ["output_size", "-1"]),
+])
+def test_bad_init(kwargs, words):
+  with pytest.raises(ValueError) as info:
+    jaxrnn.init_params(jax.random.key(0), 3, **kwargs)
+  for w in words:
+    assert w in str(info.value)
+
+
+def test_forward_bad_input():
+  with pytest.raises(ValueError, match="xs must have shape"):
+    jaxrnn.forward(P, XS[0])
+  with pytest.raises(TypeError, match="params must be an RNNParams"):
+    jaxrnn.forward({"W": 1}, XS)
