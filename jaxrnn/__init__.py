@@ -6,6 +6,7 @@ from jaxrnn._src.bptt import backward_deltas, bptt
 from jaxrnn._src.checks import validate_inputs
 from jaxrnn._src.params import LayerParams, Readout, RNNParams, init_params
 from jaxrnn._src.rnn import elman_step, forward, loss
+from jaxrnn._src.stream import StreamState, TBPTTStream, make_tbptt_stream
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,8 @@ __all__ = (
     "LayerParams",
     "RNNParams",
     "Readout",
+    "StreamState",
+    "TBPTTStream",
     "autodiff_bptt",
     "backward_deltas",
     "bptt",
@@ -21,5 +24,6 @@ __all__ = (
     "forward",
     "init_params",
     "loss",
+    "make_tbptt_stream",
     "validate_inputs",
 )

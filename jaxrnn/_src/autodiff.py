@@ -18,10 +18,16 @@ from jaxrnn._src.bptt import _OPTIONS
 from jaxrnn._src.rnn import forward_layers, readout, step_losses, weighted_total
 
 
-def _full_loss(params, h0, inp: checks.Inputs, loss: str):
-  hs = forward_layers(params, inp.xs, h0, inp.valid, inp.reset, h0)
+def _h_reset(h0, inp):
+  return h0 if inp.h_reset is None else inp.h_reset
+
+
+def full_loss(params, h0, inp: checks.Inputs, loss: str):
+  """The loss as a function of (params, h0); also returns the forward states (aux)."""
+  hs = forward_layers(params, inp.xs, h0, inp.valid, inp.reset, _h_reset(h0, inp))
   out = readout(params, hs[-1])
-  return weighted_total(step_losses(out, inp.targets, loss), inp.weights, inp.xs.shape[1])
+  value = weighted_total(step_losses(out, inp.targets, loss), inp.weights, inp.xs.shape[1])
+  return value, hs
 
 
 def _truncated_loss(params, h0, inp: checks.Inputs, loss: str):
@@ -29,7 +35,9 @@ def _truncated_loss(params, h0, inp: checks.Inputs, loss: str):
   win = windows.make_windows(T, inp.truncation)
   C = win.steps.shape[0]
   # Exact forward states; as window starts they are constants.
-  hs = jax.lax.stop_gradient(forward_layers(params, inp.xs, h0, inp.valid, inp.reset, h0))
+  h_reset = _h_reset(h0, inp)
+  hs = jax.lax.stop_gradient(
+      forward_layers(params, inp.xs, h0, inp.valid, inp.reset, h_reset))
   reaches_h0 = jnp.asarray(win.from_start)[:, None, None]
   starts = tuple(
       jnp.where(reaches_h0, h_0[None],                                     # from step 0: h0
@@ -40,11 +48,12 @@ def _truncated_loss(params, h0, inp: checks.Inputs, loss: str):
       params, windows.gather(inp.xs, win), starts,
       windows.window_mask(inp.valid, win, B),
       None if inp.reset is None else windows.gather(inp.reset, win),
-      tuple(windows.tile(h_0, C) for h_0 in h0))
+      tuple(windows.tile(h_r, C) for h_r in h_reset))
   out = readout(params, hs_w[-1])
   targets = windows.gather(inp.targets, win)
-  return weighted_total(step_losses(out, targets, loss),
-                        windows.chunk_weights(inp.weights, win), B)
+  value = weighted_total(step_losses(out, targets, loss),
+                         windows.chunk_weights(inp.weights, win), B)
+  return value, hs
 
 
 def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
@@ -69,6 +78,7 @@ def _autodiff_bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b
   inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                        lengths=lengths, loss_weights=loss_weights, resets=resets,
                        tau_max=tau_max, tau_b=tau_b)
-  fn = _full_loss if inp.truncation is None else _truncated_loss
-  value, (grads, dh0) = jax.value_and_grad(fn, argnums=(0, 1))(params, inp.h0, inp, loss)
+  fn = full_loss if inp.truncation is None else _truncated_loss
+  (value, _), (grads, dh0) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
+      params, inp.h0, inp, loss)
   return (value, grads, dh0) if return_dh0 else (value, grads)

@@ -122,12 +122,15 @@ class ManualResult(NamedTuple):
   grads: RNNParams
   dh0: Tuple[jax.Array, ...]              # one [B, H_l] per layer
   deltas: Tuple[Optional[jax.Array], ...]  # one [T, B, H_l] per layer, if asked for
+  hs: Tuple[jax.Array, ...]               # one [T, B, H_l] per layer: the forward states
 
 
 def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False):
   """Loss, gradients, ∂L/∂h0 and (optionally) δh of every layer and step."""
   T, B = inp.xs.shape[:2]
-  hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, inp.h0)
+  h_reset = inp.h0 if inp.h_reset is None else inp.h_reset
+  resets_reach_h0 = inp.h_reset is None
+  hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, h_reset)
   out = readout(params, hs[-1])
   value, d_out = _loss_and_output_grad(out, inp.targets, inp.weights, loss, B)
   if params.readout is None:
@@ -138,9 +141,10 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
     g = jnp.einsum("tbo,ho->tbh", d_out, params.readout.W_hy)          # ∂ℓ/∂h^L = δo W_hyᵀ
 
   if inp.truncation is None:
-    back = backward_layers(params, inp.xs, hs, inp.h0, g, inp.valid, inp.reset, inp.h0,
+    back = backward_layers(params, inp.xs, hs, inp.h0, g, inp.valid, inp.reset, h_reset,
                            keep_deltas)
-    dh0 = tuple(s if r is None else s + r for s, r in zip(back.dh_start, back.dh_reset))
+    dh0 = tuple(s if r is None or not resets_reach_h0 else s + r
+                for s, r in zip(back.dh_start, back.dh_reset))
     deltas = back.deltas
   else:
     # Each chunk's losses go back through its own window only; the chunks'
@@ -157,18 +161,18 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
         own_g,
         windows.window_mask(inp.valid, win, B),
         None if inp.reset is None else windows.gather(inp.reset, win),
-        tuple(windows.tile(h_0, C) for h_0 in inp.h0),
+        tuple(windows.tile(h_r, C) for h_r in h_reset),
         keep_deltas)
     reaches_h0 = jnp.asarray(win.from_start)[:, None, None]  # [C, 1, 1]
     dh0 = []
     for s, r in zip(back.dh_start, back.dh_reset):
       s = s.reshape((C, B) + s.shape[1:])
       d = jnp.where(reaches_h0, s, 0).sum(0)   # a cut window's start state is a constant
-      dh0.append(d if r is None else d + windows.sum_chunks(r, C))
+      dh0.append(d if r is None or not resets_reach_h0 else d + windows.sum_chunks(r, C))
     dh0 = tuple(dh0)
     deltas = tuple(None if d is None else _scatter_windows(d, win, T) for d in back.deltas)
   grads = RNNParams(back.layers, d_readout, params.activation)
-  return ManualResult(value, grads, dh0, deltas)
+  return ManualResult(value, grads, dh0, deltas, hs)
 
 
 def _scatter_windows(d, win, T):

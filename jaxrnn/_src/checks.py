@@ -143,6 +143,8 @@ class Inputs(NamedTuple):
   targets: jax.Array              # [T, B, O] float (mse) / [T, B] int (xent); 0 where unscored
   weights: jax.Array              # [T, B] weight of each step's loss term
   truncation: Optional[Truncation]
+  # The state a reset restores; None: h0 itself (then resets add to dL/dh0).
+  h_reset: Optional[Tuple[jax.Array, ...]] = None
 
 
 def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,

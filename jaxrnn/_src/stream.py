@@ -1,0 +1,164 @@
+"""Streaming truncated BPTT: train on an endless stream, one chunk of tau_b steps at a time.
+
+Each call of the step sees the next ``tau_b`` steps of the stream. It
+backpropagates that chunk's losses through the last ``tau_max`` steps (the
+chunk plus the ``P = tau_max - tau_b`` steps before it, kept in the carried
+state), updates the parameters with optax, and carries the hidden state on.
+Memory is constant: the carry holds P inputs and two states, whatever the
+stream's length::
+
+    window of this call:  [ P kept steps | tau_b new steps ]   (losses: new steps only)
+    state carried:        h_start = state before the window, h = state after it
+
+The window is re-run from ``h_start`` with the current parameters, so the
+gradient of a call is exactly ``jaxrnn.bptt`` on that window (with zero loss
+weight on the kept steps). With fixed parameters the calls' gradients sum to
+``jaxrnn.bptt(stream, tau_max=tau_max, tau_b=tau_b)`` on the whole stream.
+"""
+
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrnn._src import checks
+from jaxrnn._src.autodiff import full_loss
+from jaxrnn._src.bptt import manual_bptt
+
+METHODS = ("manual", "autodiff")
+
+
+class StreamState(NamedTuple):
+  """What the stream carries from one chunk to the next (fixed size)."""
+  h: Tuple[jax.Array, ...]        # one [B, H_l] per layer: state after the last step seen
+  h_start: Tuple[jax.Array, ...]  # one [B, H_l]: state before the kept steps
+  h_init: Tuple[jax.Array, ...]   # one [B, H_l]: the state a reset restores
+  xs_kept: jax.Array              # [P, B, D] inputs of the last P = tau_max - tau_b steps
+  resets_kept: jax.Array          # [P, B] bool, their resets
+  kept: jax.Array                 # int32 scalar, how many kept steps are real (<= P)
+  steps: jax.Array                # int32 scalar, steps of the stream consumed so far
+
+
+class TBPTTStream(NamedTuple):
+  """``init`` and jitted ``step`` of streaming truncated BPTT (optax style)."""
+  init: Callable
+  step: Callable
+
+
+def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, loss,
+                 method="manual", resets=None):
+  """Loss and gradient of one chunk over its window; the new StreamState.
+
+  Args:
+    params: RNNParams. state: StreamState. xs: [tau_b, B, D] the chunk's
+    inputs. targets: [tau_b, B, O] (mse) or [tau_b, B] (xent).
+    resets: optional [tau_b, B] bool, see :func:`jaxrnn.forward`.
+
+  Returns:
+    ``(loss, grads, new_state)``; loss is the chunk's loss (sum over its steps,
+    averaged over the batch).
+  """
+  P = tau_max - tau_b
+  B = xs.shape[1]
+  if resets is None:
+    resets = jnp.zeros(xs.shape[:2], bool)
+  xs_w = jnp.concatenate([state.xs_kept, xs.astype(state.xs_kept.dtype)], axis=0)
+  # Kept positions that are not yet real (start of the stream) are dropped by
+  # a reset at the first real position: the window then starts from h_init.
+  pos = jnp.arange(tau_max, dtype=jnp.int32)
+  warmup = (pos == P - state.kept) & (state.kept < P)
+  resets_w = jnp.concatenate([state.resets_kept, resets], axis=0) | warmup[:, None]
+  pad = jnp.zeros((P,) + targets.shape[1:], targets.dtype)
+  targets_w = jnp.concatenate([pad, targets], axis=0)
+  dtype = xs_w.dtype
+  weights = jnp.concatenate([jnp.zeros((P, B), dtype), jnp.ones((tau_b, B), dtype)], axis=0)
+  inp = checks.prepare(params, xs_w, targets_w, loss=loss, h0=state.h_start,
+                       loss_weights=weights, resets=resets_w)
+  inp = inp._replace(h_reset=state.h_init)
+  if method == "manual":
+    res = manual_bptt(params, inp, loss)
+    value, grads, hs = res.loss, res.grads, res.hs
+  else:
+    (value, hs), grads = jax.value_and_grad(full_loss, has_aux=True)(
+        params, inp.h0, inp, loss)
+  new_state = StreamState(
+      h=tuple(h[-1] for h in hs),
+      h_start=tuple(h[tau_b - 1] for h in hs),  # the next window starts tau_b steps later
+      h_init=state.h_init,
+      xs_kept=xs_w[tau_b:],
+      resets_kept=resets_w[tau_b:] & ~warmup[tau_b:, None],
+      kept=jnp.minimum(state.kept + tau_b, P).astype(jnp.int32),
+      steps=state.steps + tau_b)
+  return value, grads, new_state
+
+
+def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
+                      tau_max: Optional[int] = None, loss: str = "mse",
+                      method: str = "manual") -> TBPTTStream:
+  """Streaming truncated BPTT with an optax optimizer: BPTT(tau_max; tau_b).
+
+  Every call of ``step`` consumes the next ``tau_b`` steps of the stream,
+  backpropagates their losses through the last ``tau_max`` steps and applies
+  one optax update (Williams & Peng 1990; ``tau_b = tau_max`` is classic
+  truncated BPTT as in character-level language models). The step is jitted
+  once, donates its carried buffers, and its memory does not grow with the
+  stream's length.
+
+  Args:
+    optimizer: any ``optax.GradientTransformation``.
+    tau_b: steps per chunk (one update per chunk).
+    tau_max: steps the gradient reaches back (>= tau_b); None: tau_b.
+    loss: ``"mse"`` or ``"xent"``.
+    method: ``"manual"`` (``jaxrnn.bptt``'s reverse scans) or ``"autodiff"``.
+
+  Returns:
+    ``TBPTTStream(init, step)``:
+
+    * ``init(params, batch_size, h0=None) -> (opt_state, state)``;
+    * ``step(params, opt_state, state, xs, targets, resets=None)
+      -> (params, opt_state, state, loss)`` with xs [tau_b, B, D], targets
+      [tau_b, B, O] (mse) / [tau_b, B] (xent), resets [tau_b, B] bool.
+
+  Example:
+    >>> stream = jaxrnn.make_tbptt_stream(optax.adam(1e-3), tau_b=25, loss="xent")
+    >>> opt_state, state = stream.init(params, batch_size=8)
+    >>> for xs, ys in chunks:                      # xs [25, 8, D], ys [25, 8]
+    ...   params, opt_state, state, loss = stream.step(params, opt_state, state, xs, ys)
+  """
+  tau_b = checks.check_int_option("tau_b", tau_b, allow_none=False)
+  tau_max = tau_b if tau_max is None else checks.check_int_option("tau_max", tau_max)
+  checks.check_truncation(tau_max, tau_b, tau_max + 1)
+  if loss not in checks.LOSSES:
+    raise ValueError(f"loss must be one of {checks.LOSSES}; got {loss!r}.")
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+  P = tau_max - tau_b
+
+  def init(params, batch_size: int, h0=None):
+    checks.check_params(params)
+    batch_size = checks.check_int_option("batch_size", batch_size, allow_none=False)
+    dtype = checks.param_dtype(params)
+    D = checks.input_size(params)
+    if h0 is None:
+      h0 = tuple(jnp.zeros((batch_size, h), dtype) for h in checks.hidden_sizes(params))
+    else:  # shapes checked by prepare on a dummy input
+      h0 = checks.prepare(params, jnp.zeros((1, batch_size, D), dtype), h0=h0).h0
+    state = StreamState(h=h0, h_start=h0, h_init=h0,
+                        xs_kept=jnp.zeros((P, batch_size, D), dtype),
+                        resets_kept=jnp.zeros((P, batch_size), bool),
+                        kept=jnp.zeros((), jnp.int32), steps=jnp.zeros((), jnp.int32))
+    return optimizer.init(params), state
+
+  @jax.jit
+  def step(params, opt_state, state, xs, targets, resets=None):
+    if xs.ndim != 3 or xs.shape[0] != tau_b:
+      raise ValueError(f"xs must have shape [tau_b, B, D] with tau_b = {tau_b}; "
+                       f"got {xs.shape}.")
+    value, grads, state = window_grads(params, state, xs, targets, tau_b=tau_b,
+                                       tau_max=tau_max, loss=loss, method=method,
+                                       resets=resets)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, state, value
+
+  return TBPTTStream(init, step)

@@ -1,0 +1,118 @@
+"""Streaming truncated BPTT: per-chunk gradients, equivalence to bptt, flat memory, one compile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxrnn
+from helpers import assert_trees_close, make_problem
+
+
+def capture():
+  """An optax transformation that applies no update and keeps the last gradient as its state."""
+  return optax.GradientTransformation(
+      init=lambda p: jax.tree.map(jnp.zeros_like, p),
+      update=lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+
+def _run(stream, params, xs, targets, tau_b, resets=None):
+  opt_state, state = stream.init(params, xs.shape[1])
+  grads, losses = [], []
+  with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
+    for c in range(xs.shape[0] // tau_b):
+      sl = slice(c * tau_b, (c + 1) * tau_b)
+      params, opt_state, state, loss = stream.step(
+          params, opt_state, state, xs[sl], targets[sl],
+          None if resets is None else resets[sl])
+      grads.append(opt_state)
+      losses.append(loss)
+  return params, grads, losses, state
+
+
+@pytest.mark.parametrize("method", ["manual", "autodiff"])
+@pytest.mark.parametrize("tau_b,tau_max,loss", [(3, 5, "mse"), (4, 4, "xent"), (2, 7, "mse")])
+def test_chunk_gradients_equal_bptt(tau_b, tau_max, loss, method):
+  T, hidden = 8 * tau_b, (3, 2)
+  params, xs, targets = make_problem(tau_b * 10 + tau_max, T=T, B=2, hidden=hidden, loss=loss)
+  stream = jaxrnn.make_tbptt_stream(capture(), tau_b=tau_b, tau_max=tau_max, loss=loss,
+                                    method=method)
+  _, grads, losses, state = _run(stream, params, xs, targets, tau_b)
+  hs = jaxrnn.forward(params, xs)[1]
+  zeros = tuple(jnp.zeros((2, h)) for h in hidden)
+  for c, g in enumerate(grads):
+    e = (c + 1) * tau_b
+    s = max(0, e - tau_max)
+    weights = (jnp.arange(s, e) >= c * tau_b).astype(xs.dtype)[:, None] * jnp.ones((1, 2))
+    h_start = zeros if s == 0 else tuple(h[s - 1] for h in hs)
+    value, want = jaxrnn.bptt(params, xs[s:e], targets[s:e], loss=loss, h0=h_start,
+                              loss_weights=weights)
+    np.testing.assert_allclose(losses[c], value, rtol=1e-10)
+    assert_trees_close(g, want, 1e-10, err=f"chunk {c}")
+  # with fixed parameters the chunks add up to truncated BPTT of the whole stream
+  value, total = jaxrnn.bptt(params, xs, targets, loss=loss, tau_b=tau_b, tau_max=tau_max)
+  assert_trees_close(jax.tree.map(lambda *g: sum(g), *grads), total, 1e-10)
+  np.testing.assert_allclose(sum(losses), value, rtol=1e-10)
+  # the carried state is the exact forward state
+  assert_trees_close(state.h, tuple(h[-1] for h in hs), 1e-12)
+  assert int(state.steps) == T
+
+
+def test_manual_and_autodiff_streams_train_identically():
+  params, xs, targets = make_problem(1, T=40, B=3, hidden=(4,))
+  runs = []
+  for method in ("manual", "autodiff"):
+    stream = jaxrnn.make_tbptt_stream(optax.adam(0.05), tau_b=5, tau_max=8, method=method)
+    runs.append(_run(stream, params, xs, targets, 5))
+  assert_trees_close(runs[0][0], runs[1][0], 1e-10)
+  np.testing.assert_allclose(runs[0][2], runs[1][2], rtol=1e-10)
+  assert runs[0][2][-1] < runs[0][2][0]  # it learns
+
+
+def _rss_mib():
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_long_stream_flat_memory_and_one_compile():
+  """100,000 steps: the step compiles once and the process does not grow."""
+  tau_b, B, D = 50, 4, 3
+  params = jaxrnn.init_params(jax.random.key(0), D, (16,), 2, dtype=jnp.float32)
+  stream = jaxrnn.make_tbptt_stream(optax.sgd(1e-3), tau_b=tau_b, tau_max=75)
+  opt_state, state = stream.init(params, B)
+  rng = np.random.default_rng(0)
+  xs = jnp.asarray(rng.normal(size=(tau_b, B, D)), jnp.float32)
+  ys = jnp.asarray(rng.normal(size=(tau_b, B, 2)), jnp.float32)
+  rss = []
+  with jax.numpy_dtype_promotion("standard"):
+    for c in range(100_000 // tau_b):
+      params, opt_state, state, loss = stream.step(params, opt_state, state, xs, ys)
+      if c in (200, 1999):
+        jax.block_until_ready(loss)
+        rss.append(_rss_mib())
+  assert int(state.steps) == 100_000
+  assert np.isfinite(float(loss))
+  assert stream.step._cache_size() == 1
+  assert rss[1] - rss[0] < 16, f"memory grew from {rss[0]:.1f} to {rss[1]:.1f} MiB"
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(tau_b=0), ["tau_b", ">= 1"]),
+    (dict(tau_b=4, tau_max=3), ["tau_max must be >= tau_b"]),
+    (dict(tau_b=2, loss="l1"), ["loss", "'l1'"]),
+    (dict(tau_b=2, method="magic"), ["method", "'magic'"]),
+])
+def test_bad_stream_options(kw, words):
+  with pytest.raises(ValueError) as info:
+    jaxrnn.make_tbptt_stream(optax.sgd(0.1), **kw)
+  for w in words:
+    assert w in str(info.value)
+
+
+def test_wrong_chunk_length():
+  params, xs, targets = make_problem(0, T=6, B=2)
+  stream = jaxrnn.make_tbptt_stream(optax.sgd(0.1), tau_b=4)
+  opt_state, state = stream.init(params, 2)
+  with pytest.raises(ValueError, match=r"xs must have shape \[tau_b, B, D\] with tau_b = 4"):
+    stream.step(params, opt_state, state, xs, targets)
