@@ -47,13 +47,15 @@ class TBPTTStream(NamedTuple):
 
 
 def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, loss,
-                 method="manual", resets=None):
+                 method="manual", resets=None, loss_weights=None):
   """Loss and gradient of one chunk over its window; the new StreamState.
 
   Args:
     params: RNNParams. state: StreamState. xs: [tau_b, B, D] the chunk's
     inputs. targets: [tau_b, B, O] (mse) or [tau_b, B] (xent).
-    resets: optional [tau_b, B] bool, see :func:`jaxrnn.forward`.
+    resets: optional [tau_b, B] bool, see :func:`jaxrnn.forward`; a reset
+    restores the stream's initial state.
+    loss_weights: optional [tau_b, B] float weight of each step's loss term.
 
   Returns:
     ``(loss, grads, new_state)``; loss is the chunk's loss (sum over its steps,
@@ -72,7 +74,8 @@ def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, los
   pad = jnp.zeros((P,) + targets.shape[1:], targets.dtype)
   targets_w = jnp.concatenate([pad, targets], axis=0)
   dtype = xs_w.dtype
-  weights = jnp.concatenate([jnp.zeros((P, B), dtype), jnp.ones((tau_b, B), dtype)], axis=0)
+  own = jnp.ones((tau_b, B), dtype) if loss_weights is None else loss_weights.astype(dtype)
+  weights = jnp.concatenate([jnp.zeros((P, B), dtype), own], axis=0)
   inp = checks.prepare(params, xs_w, targets_w, loss=loss, h0=state.h_start,
                        loss_weights=weights, resets=resets_w)
   inp = inp._replace(h_reset=state.h_init)
@@ -116,9 +119,12 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
     ``TBPTTStream(init, step)``:
 
     * ``init(params, batch_size, h0=None) -> (opt_state, state)``;
-    * ``step(params, opt_state, state, xs, targets, resets=None)
+    * ``step(params, opt_state, state, xs, targets, resets=None, loss_weights=None)
       -> (params, opt_state, state, loss)`` with xs [tau_b, B, D], targets
-      [tau_b, B, O] (mse) / [tau_b, B] (xent), resets [tau_b, B] bool.
+      [tau_b, B, O] (mse) / [tau_b, B] (xent), resets [tau_b, B] bool (where
+      True the state is reset to the stream's initial state: document
+      boundaries), loss_weights [tau_b, B] float. A stream has no end, so
+      ``lengths`` does not apply; mark padding with zero loss weights.
 
   Example:
     >>> stream = jaxrnn.make_tbptt_stream(optax.adam(1e-3), tau_b=25, loss="xent")
@@ -151,13 +157,16 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
     return optimizer.init(params), state
 
   @jax.jit
-  def step(params, opt_state, state, xs, targets, resets=None):
+  def step(params, opt_state, state, xs, targets, resets=None, loss_weights=None):
     if xs.ndim != 3 or xs.shape[0] != tau_b:
       raise ValueError(f"xs must have shape [tau_b, B, D] with tau_b = {tau_b}; "
                        f"got {xs.shape}.")
+    for name, a in (("resets", resets), ("loss_weights", loss_weights)):
+      if a is not None and a.shape != xs.shape[:2]:
+        raise ValueError(f"{name} must have shape [tau_b, B] = {xs.shape[:2]}; got {a.shape}.")
     value, grads, state = window_grads(params, state, xs, targets, tau_b=tau_b,
                                        tau_max=tau_max, loss=loss, method=method,
-                                       resets=resets)
+                                       resets=resets, loss_weights=loss_weights)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, state, value
 
