@@ -73,3 +73,20 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, min_time: float = 0.05)
       jax.block_until_ready(fn())
     samples.append((time.perf_counter() - t0) / n)
   return statistics.median(samples)
+
+
+def pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def dtype_of(name: str):
+  import jax.numpy as jnp
+  if name not in ("float32", "float64"):
+    raise ValueError(f"dtype must be 'float32' or 'float64'; got {name!r}.")
+  if name == "float64":
+    jax.config.update("jax_enable_x64", True)
+  return jnp.dtype(name)

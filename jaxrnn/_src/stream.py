@@ -167,7 +167,9 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
     value, grads, state = window_grads(params, state, xs, targets, tau_b=tau_b,
                                        tau_max=tau_max, loss=loss, method=method,
                                        resets=resets, loss_weights=loss_weights)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, state, value
+    with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+    return params, opt_state, state, value
 
   return TBPTTStream(init, step)

@@ -1,0 +1,132 @@
+"""Training with optax: a jitted train step that takes the gradient method as an option, and a fit loop.
+
+The step detects a non-finite loss or gradient and skips that update
+(parameters and optimizer state unchanged); the fit loop counts skips and
+stops with :class:`NonFiniteError` after too many in a row. Nothing silently
+turns the parameters into NaN.
+"""
+
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm.auto import tqdm
+
+from jaxrnn._src import checks
+from jaxrnn._src.autodiff import autodiff_bptt
+from jaxrnn._src.bptt import bptt
+
+GRAD_METHODS = {"manual": bptt, "autodiff": autodiff_bptt}
+
+
+class StepMetrics(NamedTuple):
+  loss: jax.Array       # scalar, the batch loss before the update
+  grad_norm: jax.Array  # scalar, global norm of the (unclipped) gradient
+  skipped: jax.Array    # bool scalar: the loss or gradient was not finite, nothing changed
+
+
+class NonFiniteError(RuntimeError):
+  """Raised by :func:`fit` after too many consecutive non-finite steps."""
+
+
+def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "manual",
+                    loss: str = "mse", many_to_one: bool = False,
+                    tau_max: Optional[int] = None, tau_b: Optional[int] = None,
+                    clip_norm: Optional[float] = None) -> Callable:
+  """A jitted optax train step on ``jaxrnn.bptt`` or ``jaxrnn.autodiff_bptt``.
+
+  Args:
+    optimizer: any optax GradientTransformation.
+    method: ``"manual"`` (:func:`jaxrnn.bptt`) or ``"autodiff"``
+      (:func:`jaxrnn.autodiff_bptt`); the two give the same trajectory up to
+      float rounding.
+    loss, many_to_one, tau_max, tau_b: as for :func:`jaxrnn.bptt`.
+    clip_norm: if given, gradients are clipped to this global norm first.
+
+  Returns:
+    ``step(params, opt_state, xs, targets, *, h0=None, lengths=None,
+    loss_weights=None, resets=None) -> (params, opt_state, StepMetrics)``.
+    A step whose loss or gradient is not finite returns ``params`` and
+    ``opt_state`` unchanged with ``metrics.skipped`` True.
+  """
+  if method not in GRAD_METHODS:
+    raise ValueError(f"method must be one of {tuple(GRAD_METHODS)}; got {method!r}.")
+  if loss not in checks.LOSSES:
+    raise ValueError(f"loss must be one of {checks.LOSSES}; got {loss!r}.")
+  checks.check_truncation(tau_max, tau_b, (tau_max or 0) + 1)
+  if clip_norm is not None:
+    if not isinstance(clip_norm, (int, float)) or not clip_norm > 0:
+      raise ValueError(f"clip_norm must be a positive number or None; got {clip_norm!r}.")
+    optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
+  grad_fn = GRAD_METHODS[method]
+
+  @jax.jit
+  def step(params, opt_state, xs, targets, *, h0=None, lengths=None, loss_weights=None,
+           resets=None):
+    value, grads = grad_fn(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
+                           tau_max=tau_max, tau_b=tau_b, lengths=lengths,
+                           loss_weights=loss_weights, resets=resets)
+    with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
+      grad_norm = optax.global_norm(grads)
+      updates, new_opt_state = optimizer.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+    ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    return (keep(new_params, params), keep(new_opt_state, opt_state),
+            StepMetrics(value, grad_norm, ~ok))
+
+  return step
+
+
+class FitResult(NamedTuple):
+  params: Any
+  opt_state: Any
+  history: Dict[str, List[float]]  # "step", "loss", "grad_norm" every log_every steps
+  skipped: int                     # steps skipped for non-finite loss or gradient
+
+
+def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, Any]],
+        num_steps: int, *, log_every: int = 10, max_consecutive_skips: int = 20,
+        progress: bool = True, desc: str = "train") -> FitResult:
+  """Runs ``num_steps`` train steps with a progress bar and periodic metrics.
+
+  Args:
+    step: a train step from :func:`make_train_step`.
+    params, opt_state: the starting point.
+    batches: ``i -> dict(xs=..., targets=..., [h0, lengths, loss_weights, resets])``,
+      the batch of step ``i``. Derive any randomness from ``i`` (for example
+      ``jax.random.fold_in(key, i)``) and the run is deterministic.
+    num_steps: how many steps.
+    log_every: record loss and gradient norm every this many steps (and at
+      the last step).
+    max_consecutive_skips: raise :class:`NonFiniteError` after this many
+      non-finite steps in a row.
+    progress: show a tqdm progress bar.
+
+  Returns:
+    ``FitResult(params, opt_state, history, skipped)``.
+  """
+  history = {"step": [], "loss": [], "grad_norm": []}
+  skipped = consecutive = 0
+  # disable=None: a bar on a terminal, silence in logs (CI, pipes)
+  bar = tqdm(range(num_steps), desc=desc, disable=None if progress else True, leave=False)
+  for i in bar:
+    params, opt_state, m = step(params, opt_state, **batches(i))
+    if bool(m.skipped):
+      skipped += 1
+      consecutive += 1
+      if consecutive >= max_consecutive_skips:
+        raise NonFiniteError(
+            f"{consecutive} consecutive steps had a non-finite loss or gradient "
+            f"(last at step {i}: loss={float(m.loss)}, grad_norm={float(m.grad_norm)}); "
+            f"parameters are kept at their last finite values. Lower the learning rate, "
+            f"clip gradients (clip_norm) or truncate (tau_max).")
+    else:
+      consecutive = 0
+    if i % log_every == 0 or i == num_steps - 1:
+      history["step"].append(i)
+      history["loss"].append(float(m.loss))
+      history["grad_norm"].append(float(m.grad_norm))
+      bar.set_postfix(loss=f"{float(m.loss):.4g}", skipped=skipped, refresh=False)
+  return FitResult(params, opt_state, history, skipped)
