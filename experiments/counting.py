@@ -77,13 +77,17 @@ def run(cfg: Config):
     params = make_params(*cfg.start, dtype)
     opt_state = tx.init(params)
     path = [cfg.start]
-    losses = []
+    losses, skipped = [], 0
     for i in range(cfg.steps):  # a Python loop to record the path
       params, opt_state, m = step(params, opt_state, **batch)
+      if bool(m.skipped):       # the loss overflowed: the step changed nothing
+        skipped += 1
+        continue
       layer = params.layers[0]
       path.append((float(layer.W_xh[0, 0]), float(layer.W_hh[0, 0])))
       losses.append(float(m.loss))
-    runs[name] = dict(path=path, loss=losses, w_x=path[-1][0], w_rec=path[-1][1])
+    runs[name] = dict(path=path, loss=losses, w_x=path[-1][0], w_rec=path[-1][1],
+                      skipped_steps=skipped)
 
   # Loss surface over [-3, 3]^2.
   w = jnp.linspace(-3.0, 3.0, cfg.grid, dtype=dtype)
@@ -109,7 +113,8 @@ def run(cfg: Config):
 
   metrics = dict(
       w_x=runs["rprop"]["w_x"], w_rec=runs["rprop"]["w_rec"],
-      final_loss={k: r["loss"][-1] for k, r in runs.items()},
+      final_loss={k: r["loss"][-1] for k, r in runs.items()},  # last finite loss
+      skipped_steps={k: r["skipped_steps"] for k, r in runs.items()},  # non-finite loss
       final_params={k: (r["w_x"], r["w_rec"]) for k, r in runs.items()},
       distance_to_solution=math.hypot(runs["rprop"]["w_x"] - 1, runs["rprop"]["w_rec"] - 1),
       test_sequence=np.asarray(test_x[:, 0, 0]).astype(int).tolist(),

@@ -52,7 +52,7 @@ class Config:
   out: str = ""
 
 
-SMOKE = Config(steps=5, n_seeds=2, lag=2, T=8, smoke=True)
+SMOKE = Config(steps=5, n_seeds=2, lag=1, T=6, hidden=4, smoke=True)
 
 
 def make_batch(cfg: Config, key, dtype):

@@ -6,7 +6,8 @@ from jaxrnn._src.bptt import backward_deltas, bptt
 from jaxrnn._src.checks import validate_inputs
 from jaxrnn._src.params import LayerParams, Readout, RNNParams, init_params
 from jaxrnn._src.rnn import elman_step, forward, loss
-from jaxrnn._src.train import FitResult, NonFiniteError, StepMetrics, fit, make_train_step
+from jaxrnn._src.train import (FitResult, NonFiniteError, StepMetrics, fit, global_norm,
+                               make_train_step)
 from jaxrnn._src.stream import StreamState, TBPTTStream, make_tbptt_stream
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = (
     "elman_step",
     "fit",
     "forward",
+    "global_norm",
     "init_params",
     "loss",
     "make_tbptt_stream",

@@ -20,6 +20,11 @@ from jaxrnn._src.bptt import bptt
 GRAD_METHODS = {"manual": bptt, "autodiff": autodiff_bptt}
 
 
+def global_norm(tree) -> jax.Array:
+  """sqrt(Σ ‖leaf‖²) over every leaf of a pytree."""
+  return jnp.sqrt(sum(jnp.vdot(x, x).real for x in jax.tree.leaves(tree)))
+
+
 class StepMetrics(NamedTuple):
   loss: jax.Array       # scalar, the batch loss before the update
   grad_norm: jax.Array  # scalar, global norm of the (unclipped) gradient
@@ -42,7 +47,9 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
       (:func:`jaxrnn.autodiff_bptt`); the two give the same trajectory up to
       float rounding.
     loss, many_to_one, tau_max, tau_b: as for :func:`jaxrnn.bptt`.
-    clip_norm: if given, gradients are clipped to this global norm first.
+    clip_norm: if given, gradients are clipped to this global norm before the
+      optimizer sees them (``optax.clip_by_global_norm``; stateless, so the
+      optimizer state is ``optimizer.init(params)`` either way).
 
   Returns:
     ``step(params, opt_state, xs, targets, *, h0=None, lengths=None,
@@ -55,10 +62,12 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
   if loss not in checks.LOSSES:
     raise ValueError(f"loss must be one of {checks.LOSSES}; got {loss!r}.")
   checks.check_truncation(tau_max, tau_b, (tau_max or 0) + 1)
-  if clip_norm is not None:
-    if not isinstance(clip_norm, (int, float)) or not clip_norm > 0:
-      raise ValueError(f"clip_norm must be a positive number or None; got {clip_norm!r}.")
-    optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
+  if clip_norm is not None and (isinstance(clip_norm, bool) or
+                                not isinstance(clip_norm, (int, float)) or not clip_norm > 0):
+    raise ValueError(f"clip_norm must be a positive number or None; got {clip_norm!r}.")
+  # Clipping is stateless, so it is applied to the gradients directly and the
+  # caller's ``optimizer.init(params)`` state stays the one the step expects.
+  clip = None if clip_norm is None else optax.clip_by_global_norm(clip_norm)
   grad_fn = GRAD_METHODS[method]
 
   @jax.jit
@@ -68,7 +77,9 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
                            tau_max=tau_max, tau_b=tau_b, lengths=lengths,
                            loss_weights=loss_weights, resets=resets)
     with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
-      grad_norm = optax.global_norm(grads)
+      grad_norm = global_norm(grads)
+      if clip is not None:
+        grads, _ = clip.update(grads, optax.EmptyState())
       updates, new_opt_state = optimizer.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
     ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)

@@ -1,0 +1,96 @@
+"""Train step and fit loop: method equivalence, clipping, non-finite safety, determinism."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxrnn
+from helpers import assert_trees_close, make_problem
+
+
+def _fit(method, params, xs, targets, steps=15, **kw):
+  opt = optax.adam(0.05)
+  step = jaxrnn.make_train_step(opt, method=method, **kw)
+  return jaxrnn.fit(step, params, opt.init(params), lambda i: dict(xs=xs * (1 + 0.01 * i),
+                                                                   targets=targets),
+                    steps, log_every=1, progress=False)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tau_max=3, tau_b=2, clip_norm=0.5),
+                                dict(loss="xent")])
+def test_manual_and_autodiff_trajectories_agree(kw):
+  params, xs, targets = make_problem(0, T=7, B=3, hidden=(4, 3), loss=kw.get("loss", "mse"))
+  a = _fit("manual", params, xs, targets, **kw)
+  b = _fit("autodiff", params, xs, targets, **kw)
+  assert_trees_close(a.params, b.params, 1e-9)
+  np.testing.assert_allclose(a.history["loss"], b.history["loss"], rtol=1e-10)
+  assert a.history["loss"][-1] < a.history["loss"][0]
+
+
+def test_clip_norm_bounds_the_update():
+  params, xs, targets = make_problem(1, T=5, B=2, scale=3.0)
+  step = jaxrnn.make_train_step(optax.sgd(1.0), clip_norm=1e-3)
+  new, _, m = step(params, optax.sgd(1.0).init(params), xs, targets)
+  assert float(m.grad_norm) > 1e-3
+  moved = jaxrnn.global_norm(jax.tree.map(jnp.subtract, new, params))
+  np.testing.assert_allclose(moved, 1e-3, rtol=1e-8)
+
+
+def _exploding(T=400, dtype=jnp.float32):
+  """Identity activation, w_rec = 2, long sequence: 2^400 overflows float32 (and float64)."""
+  layer = jaxrnn.LayerParams(jnp.ones((1, 1), dtype), jnp.full((1, 1), 2.0, dtype),
+                             jnp.zeros((1,), dtype))
+  params = jaxrnn.RNNParams((layer,), None, "identity")
+  return params, jnp.ones((T, 1, 1), dtype), jnp.zeros((1, 1), dtype)
+
+
+@pytest.mark.parametrize("method", ["manual", "autodiff"])
+def test_non_finite_update_is_skipped(method):
+  params, xs, y = _exploding()
+  opt = optax.adam(0.1)
+  step = jaxrnn.make_train_step(opt, method=method, many_to_one=True)
+  state = opt.init(params)
+  new, new_state, m = step(params, state, xs, y)
+  assert bool(m.skipped) and not np.isfinite(float(m.loss))
+  jax.tree.map(np.testing.assert_array_equal, (new, new_state), (params, state))
+  # a short, finite sequence is not skipped
+  _, _, ok = step(params, state, xs[:5], y)
+  assert not bool(ok.skipped)
+
+
+def test_fit_counts_skips_and_stops_with_a_clear_error():
+  params, xs, y = _exploding()
+  opt = optax.sgd(0.0)  # parameters stay put, so which batches overflow is fixed
+  step = jaxrnn.make_train_step(opt, many_to_one=True)
+  # alternate: a finite batch (5 steps), then an overflowing one (400 steps, padded by lengths)
+  batches = lambda i: dict(xs=xs, targets=y, lengths=jnp.array([5 if i % 2 else 400]))
+  res = jaxrnn.fit(step, params, opt.init(params), batches, 6, progress=False,
+                   max_consecutive_skips=2)
+  assert res.skipped == 3
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(res.params))
+  with pytest.raises(jaxrnn.NonFiniteError, match="3 consecutive steps had a non-finite"):
+    jaxrnn.fit(step, params, opt.init(params), lambda i: dict(xs=xs, targets=y), 10,
+               progress=False, max_consecutive_skips=3)
+
+
+def test_fit_is_deterministic():
+  params, xs, targets = make_problem(2, T=6, B=2)
+  a = _fit("manual", params, xs, targets)
+  b = _fit("manual", params, xs, targets)
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  assert a.history == b.history
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(method="numeric"), ["method", "'numeric'"]),
+    (dict(loss="hinge"), ["loss", "'hinge'"]),
+    (dict(clip_norm=-1.0), ["clip_norm", "-1.0"]),
+    (dict(tau_max=2, tau_b=4), ["tau_max must be >= tau_b"]),
+])
+def test_bad_train_options(kw, words):
+  with pytest.raises(ValueError) as info:
+    jaxrnn.make_train_step(optax.sgd(0.1), **kw)
+  for w in words:
+    assert w in str(info.value)
