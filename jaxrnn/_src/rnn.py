@@ -75,18 +75,46 @@ def scan_layer(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
   return hs
 
 
+def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
+  """:func:`scan_layer` that overwrites its input: step t replaces ``xproj[t]`` by ``h_t``.
+
+  Same values as :func:`scan_layer`, but the projections and the states share
+  one [T, N, H] buffer (a while loop updates its carried buffer in place), which
+  halves the forward pass's memory. For the hand-written pass only: autodiff
+  through a loop that carries a [T, N, H] buffer would store it at every step.
+  """
+  def body(t, carry):
+    h, buf = carry
+    xp_t = lax.dynamic_index_in_dim(buf, t, keepdims=False)
+    h_in = h
+    if reset is not None:
+      r_t = lax.dynamic_index_in_dim(reset, t, keepdims=False)
+      h_in = jnp.where(r_t[:, None], h_reset, h)                      # reset -> h0
+    h_new = f(xp_t + h_in @ W_hh)                                     # h_t = f(z_t)
+    if valid is not None:
+      v_t = lax.dynamic_index_in_dim(valid, t, keepdims=False)
+      h_new = jnp.where(v_t[:, None], h_new, h)                       # padded: frozen
+    return h_new, lax.dynamic_update_index_in_dim(buf, h_new, t, 0)   # xproj[t] <- h_t
+
+  return lax.fori_loop(0, xproj.shape[0], body, (h_start, xproj))[1]
+
+
 def project(inp, layer: LayerParams):
   """``[T, N, D] -> [T, N, H]``: input projection for all steps at once."""
   return jnp.einsum("tnd,dh->tnh", inp, layer.W_xh) + layer.b_h[None, None, :]
 
 
-def forward_layers(params, xs, h_start, valid=None, reset=None, h_reset=None):
-  """All layers, bottom up. Returns a tuple of [T, N, H_l] hidden states."""
+def forward_layers(params, xs, h_start, valid=None, reset=None, h_reset=None, inplace=False):
+  """All layers, bottom up. Returns a tuple of [T, N, H_l] hidden states.
+
+  ``inplace=True`` uses :func:`scan_layer_inplace` (for the hand-written pass).
+  """
   f = get_activation(params.activation).fn
+  scan = scan_layer_inplace if inplace else scan_layer
   hs, inp = [], xs
   for l, layer in enumerate(params.layers):
-    inp = scan_layer(layer.W_hh, f, project(inp, layer), h_start[l], valid, reset,
-                     None if h_reset is None else h_reset[l])
+    inp = scan(layer.W_hh, f, project(inp, layer), h_start[l], valid, reset,
+               None if h_reset is None else h_reset[l])
     hs.append(inp)
   return tuple(hs)
 
