@@ -101,3 +101,13 @@ def test_full_config_meets_its_targets(name, full_runs):
   if name == "counting":  # the reading of the target, spelled out
     assert abs(metrics["w_x"] - 1) < 1e-2 and abs(metrics["w_rec"] - 1) < 1e-2
     assert abs(metrics["test_count"] - metrics["test_true_count"]) < 0.05
+
+
+def test_bench_smoke(tmp_path):
+  import bench
+  result = bench.main(["--smoke", "--out", str(tmp_path)])
+  assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
+  for r in result["rows"]:
+    assert all(np.isfinite(t) and t > 0 for t in r["time_s"].values())
+    assert r["temp_bytes"]["jaxrnn.bptt"] > 0
+  assert "checkpoint" in result["summary"]

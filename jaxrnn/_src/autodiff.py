@@ -72,7 +72,7 @@ def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None
                         loss_weights=loss_weights, resets=resets, return_dh0=return_dh0)
 
 
-@functools.partial(jax.jit, static_argnames=_OPTIONS)
+@functools.partial(jax.jit, static_argnames=_OPTIONS[:-1])  # no checkpoint_every here
 def _autodiff_bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths,
                    loss_weights, resets, return_dh0):
   inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,

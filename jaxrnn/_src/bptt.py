@@ -39,7 +39,7 @@ class _Backward(NamedTuple):
   deltas: Tuple[Optional[jax.Array], ...]    # [T, N, H_l] δh for every step (or None)
 
 
-def _reverse_scan(W_hh, fprime, hs, g, valid, reset, keep_deltas):
+def _reverse_scan(W_hh, fprime, hs, g, valid, reset, keep_deltas, dh_end=None):
   """Delta recursion through time for one layer, a reverse loop carrying only δ.
 
   Args:
@@ -47,7 +47,8 @@ def _reverse_scan(W_hh, fprime, hs, g, valid, reset, keep_deltas):
     hs: [T, N, H] states h_t. g: [T, N, H] ∂L/∂h_t from outside this layer's
     recurrence (readout or the layer above); step t overwrites g[t] with
     δz_t, so the input and output share one buffer (updated in place).
-    valid/reset: [T, N] bool or None.
+    valid/reset: [T, N] bool or None. dh_end: [N, H] T-delta arriving from
+    the step after the last (None: zero), for segment-by-segment backward passes.
 
   Returns:
     dz [T, N, H]; δ for the state before step 0 [N, H]; ∂L/∂h0 through
@@ -85,7 +86,8 @@ def _reverse_scan(W_hh, fprime, hs, g, valid, reset, keep_deltas):
     return d_prev, dh_reset, store(buf, dz, t), deltas   # g[t] <- δz_t, in place
 
   zeros = jnp.zeros(hs_.shape[1:], hs.dtype)
-  init = (zeros, None if reset is None else zeros, flat(g),
+  init = (zeros if dh_end is None else flat(dh_end[None])[0], None if reset is None else zeros,
+          flat(g),
           jnp.zeros_like(flat(g)) if keep_deltas else None)
   d_start, dh_reset, dz, deltas = lax.fori_loop(0, T, body, init)
   if squeeze:
@@ -96,14 +98,15 @@ def _reverse_scan(W_hh, fprime, hs, g, valid, reset, keep_deltas):
 
 
 def backward_layers(params, xs, hs, h_start, g, valid=None, reset=None, h_reset=None,
-                    keep_deltas=False) -> _Backward:
+                    keep_deltas=False, dh_end=None) -> _Backward:
   """Backpropagates ``g`` = ∂L/∂h^L through all layers and steps (top layer first).
 
   Args:
     params: RNNParams. xs: [T, N, D] inputs. hs: tuple of [T, N, H_l] states
     from the forward pass. h_start: tuple of [N, H_l] states before step 0.
     g: [T, N, H_L]. valid/reset: [T, N] bool or None. h_reset: tuple of
-    [N, H_l], the states resets restore.
+    [N, H_l], the states resets restore. dh_end: None or a tuple of [N, H_l]
+    T-deltas arriving from after the last step (checkpointed segments).
   """
   fprime = get_activation(params.activation).grad_from_output
   L = len(params.layers)
@@ -111,7 +114,8 @@ def backward_layers(params, xs, hs, h_start, g, valid=None, reset=None, h_reset=
   for l in reversed(range(L)):
     layer = params.layers[l]
     dz, d_start[l], d_reset[l], deltas[l] = _reverse_scan(
-        layer.W_hh, fprime, hs[l], g, valid, reset, keep_deltas)
+        layer.W_hh, fprime, hs[l], g, valid, reset, keep_deltas,
+        None if dh_end is None else dh_end[l])
     h_below = xs if l == 0 else hs[l - 1]
     grads[l] = LayerParams(
         W_xh=_sum_outer(h_below, dz),                  # ΔW_xh = Σ_t h^{l-1}_tᵀ δz_t
@@ -155,6 +159,15 @@ def _loss_and_output_grad(out, targets, weights, loss, batch):
   return value, d_out
 
 
+def readout_backward(params, h_top, d_out):
+  """``(∂L/∂h^L [T, N, H_L], readout gradients)`` from ``δo = ∂L/∂o`` [T, N, O]."""
+  if params.readout is None:
+    return d_out, None
+  d_readout = Readout(W_hy=_sum_outer(h_top, d_out),                   # ΔW_hy = Σ_t h^Lᵀ δo
+                      b_y=d_out.sum((0, 1)))                             # Δb_y = Σ_t δo
+  return jnp.einsum("tbo,ho->tbh", d_out, params.readout.W_hy), d_readout  # δo W_hyᵀ
+
+
 class ManualResult(NamedTuple):
   loss: jax.Array
   grads: RNNParams
@@ -171,12 +184,7 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
   hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, h_reset, inplace=True)
   out = readout(params, hs[-1])
   value, d_out = _loss_and_output_grad(out, inp.targets, inp.weights, loss, B)
-  if params.readout is None:
-    g, d_readout = d_out, None
-  else:
-    d_readout = Readout(W_hy=_sum_outer(hs[-1], d_out),                 # ΔW_hy = Σ_t h^Lᵀ δo
-                        b_y=d_out.sum((0, 1)))                           # Δb_y = Σ_t δo
-    g = jnp.einsum("tbo,ho->tbh", d_out, params.readout.W_hy)          # ∂ℓ/∂h^L = δo W_hyᵀ
+  g, d_readout = readout_backward(params, hs[-1], d_out)
 
   if inp.truncation is None:
     back = backward_layers(params, inp.xs, hs, inp.h0, g, inp.valid, inp.reset, h_reset,
@@ -223,23 +231,28 @@ def _scatter_windows(d, win, T):
 
 
 
-_OPTIONS = ("loss", "many_to_one", "tau_max", "tau_b", "return_dh0")
+_OPTIONS = ("loss", "many_to_one", "tau_max", "tau_b", "return_dh0", "checkpoint_every")
 
 
 @functools.partial(jax.jit, static_argnames=_OPTIONS + ("keep_deltas",))
 def _bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths,
-          loss_weights, resets, return_dh0, keep_deltas):
+          loss_weights, resets, return_dh0, keep_deltas, checkpoint_every):
   inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                        lengths=lengths, loss_weights=loss_weights, resets=resets,
                        tau_max=tau_max, tau_b=tau_b)
-  res = manual_bptt(params, inp, loss, keep_deltas)
+  if checkpoint_every is None:
+    res = manual_bptt(params, inp, loss, keep_deltas)
+  else:
+    from jaxrnn._src.checkpoint import checkpointed_bptt  # imports this module
+    res = checkpointed_bptt(params, inp, loss, checkpoint_every)
   if keep_deltas:
     return res.deltas
   return (res.loss, res.grads, res.dh0) if return_dh0 else (res.loss, res.grads)
 
 
 def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max=None,
-         tau_b=None, lengths=None, loss_weights=None, resets=None, return_dh0=False):
+         tau_b=None, lengths=None, loss_weights=None, resets=None, return_dh0=False,
+         checkpoint_every=None):
   """Loss and gradients by hand-written backpropagation through time.
 
   ``bptt :: (params, [T,B,D], targets) -> (scalar, grads like params)``.
@@ -279,6 +292,10 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
     loss_weights: optional [T, B] float weight of each step's loss term.
     resets: optional [T, B] bool, reset the state to h0 before the step.
     return_dh0: also return ∂L/∂h0 (static).
+    checkpoint_every: None, or k: keep the hidden state only every k steps
+      and recompute the rest during the backward pass (static). Same
+      result; memory O((T/k + k)·B·H·L) instead of O(T·B·H·L) for one more
+      forward pass. k ≈ sqrt(T) minimises memory.
 
   Returns:
     ``(loss, grads)``, with ``grads`` structured like ``params``; or
@@ -291,9 +308,11 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
     >>> value, grads = jaxrnn.bptt(params, xs, ys, loss="mse")
   """
   tau_max, tau_b = checks.canonical_truncation(xs, tau_max, tau_b)
+  checkpoint_every = checks.check_int_option("checkpoint_every", checkpoint_every)
   return _bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
-               resets=resets, return_dh0=return_dh0, keep_deltas=False)
+               resets=resets, return_dh0=return_dh0, keep_deltas=False,
+               checkpoint_every=checkpoint_every)
 
 
 def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
@@ -309,4 +328,4 @@ def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=No
   tau_max, tau_b = checks.canonical_truncation(xs, tau_max, tau_b)
   return _bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
-               resets=resets, return_dh0=False, keep_deltas=True)
+               resets=resets, return_dh0=False, keep_deltas=True, checkpoint_every=None)

@@ -260,9 +260,11 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
   else:
     weights = jnp.ones((T, B), dtype)
   # Unscored targets are zeroed so that NaN or out-of-range values there cannot
-  # reach a loss term or its gradient (0 * NaN would).
-  scored = weights != 0
-  targets = jnp.where(scored[:, :, None] if loss == "mse" else scored, targets, 0)
+  # reach a loss term or its gradient (0 * NaN would). Without lengths, loss
+  # weights or many_to_one every step is scored: no copy is needed.
+  if lengths is not None or loss_weights is not None or many_to_one:
+    scored = weights != 0
+    targets = jnp.where(scored[:, :, None] if loss == "mse" else scored, targets, 0)
   return Inputs(xs, h0, valid, reset, targets, weights, truncation)
 
 

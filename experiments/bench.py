@@ -1,0 +1,316 @@
+"""Benchmark: jaxrnn.bptt against autodiff, Flax and PyTorch, with memory and FLOP rates.
+
+For each point (T, B, D, H, layers) of the grid, float32, tanh, mse on every
+step with a readout to O = D outputs: the median time of one jitted
+loss-and-gradient call of each method (after warm-up, all methods
+interleaved in every repeat), the ratio of each to ``jaxrnn.bptt``, the
+GFLOP/s of ``jaxrnn.bptt`` beside the matrix-multiply peak measured in the
+same run, and XLA's temporary memory (``compiled.memory_analysis()``) of
+every JAX method. Flax and PyTorch are optional (``pip install -e ".[bench]"``
+and ``pip install torch``): a missing peer is reported as skipped.
+
+    python experiments/bench.py             # the full grid, a few minutes
+    python experiments/bench.py --smoke     # seconds
+"""
+
+import dataclasses
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxrnn
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from _common import parse_config, results_dir, write_json  # noqa: E402
+
+# (T, B, D, H, layers), and optional keyword options of bptt
+GRID = (
+    ((100, 32, 32, 128, 1), {}),
+    ((1000, 16, 16, 64, 1), {}),
+    ((200, 64, 256, 512, 1), {}),
+    ((1000, 1, 8, 32, 1), {}),
+    ((10000, 8, 8, 32, 1), {}),
+    ((200, 32, 64, 256, 3), {}),
+    ((1000, 16, 16, 64, 1), dict(tau_max=50, tau_b=50)),
+    ((1000, 16, 16, 64, 1), dict(many_to_one=True)),
+    ((10000, 8, 8, 32, 1), dict(checkpoint_every=100)),
+)
+SMOKE_GRID = (((20, 4, 3, 8, 1), {}), ((16, 2, 3, 8, 2), dict(tau_max=4)),
+              ((16, 2, 3, 8, 1), dict(many_to_one=True)), ((40, 2, 3, 8, 1), dict(checkpoint_every=7)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Time and memory of RNN loss-and-gradient methods."""
+  repeats: int = 7
+  min_time: float = 0.1       # seconds per timing sample (calls are batched up to this)
+  peers: bool = True          # include Flax and PyTorch when installed
+  smoke: bool = False
+  out: str = ""
+
+
+def _label(dims, opts):
+  T, B, D, H, L = dims
+  extra = ", ".join(f"{k}={v}" for k, v in opts.items())
+  return f"T={T} B={B} D={D} H={H} L={L}" + (f" ({extra})" if extra else "")
+
+
+def flops(dims, opts) -> float:
+  """Matrix-multiply FLOPs of one loss-and-gradient call (2 per multiply-add).
+
+  Forward: input projections, recurrences, readout. Backward: the same three
+  again for the deltas and once more for the weight gradients, except the
+  delta to the inputs of layer 1, which nobody needs.
+  """
+  T, B, D, H, L = dims
+  O = D
+  fwd = sum(2 * T * B * ((D if l == 0 else H) * H + H * H) for l in range(L)) + 2 * T * B * H * O
+  return 3 * fwd - 2 * T * B * D * H
+
+
+def measure_peak(n: int = 2048) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(mm(a))
+  samples = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a))
+    samples.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / min(samples) / 1e9
+
+
+def jax_methods(dims, opts) -> Dict[str, Tuple[Callable, Optional[int]]]:
+  """name -> (zero-argument call, XLA temp bytes)."""
+  T, B, D, H, L = dims
+  rng = np.random.default_rng(0)
+  params = jaxrnn.init_params(jax.random.key(0), D, (H,) * L, D, dtype=jnp.float32)
+  xs = jnp.asarray(rng.normal(size=(T, B, D)), jnp.float32)
+  ys = jnp.asarray(rng.normal(size=(B, D) if opts.get("many_to_one") else (T, B, D)),
+                   jnp.float32)
+  out = {}
+  opts = dict(opts)
+  k = opts.pop("checkpoint_every", None)
+  methods = [("jaxrnn.bptt", jaxrnn.bptt, opts), ("jaxrnn.autodiff_bptt", jaxrnn.autodiff_bptt, opts)]
+  if k:  # the memory-efficient mode beside full storage
+    methods.append((f"bptt checkpoint_every={k}", jaxrnn.bptt, dict(opts, checkpoint_every=k)))
+  for name, fn, kw in methods:
+    f = jax.jit(lambda p, x, y, fn=fn, kw=kw: fn(p, x, y, **kw))
+    compiled = f.lower(params, xs, ys).compile()
+    out[name] = ((lambda c=compiled: c(params, xs, ys)),
+                 compiled.memory_analysis().temp_size_in_bytes)
+  return out
+
+
+class NotInstalled(Exception):
+  pass
+
+
+def flax_method(dims, opts):
+  """None where Flax has nothing to compare with (truncated BPTT)."""
+  try:
+    import flax.linen as nn
+  except ImportError as e:
+    raise NotInstalled from e
+  if opts.get("tau_max") or opts.get("checkpoint_every"):
+    return None
+  T, B, D, H, L = dims
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, xs):
+      h = xs
+      for _ in range(L):
+        h = nn.RNN(nn.SimpleCell(features=H), time_major=True)(h)
+      return nn.Dense(D)(h)
+
+  model = Model()
+  rng = np.random.default_rng(0)
+  xs = jnp.asarray(rng.normal(size=(T, B, D)), jnp.float32)
+  many_to_one = opts.get("many_to_one", False)
+  ys = jnp.asarray(rng.normal(size=(B, D) if many_to_one else (T, B, D)), jnp.float32)
+  variables = model.init(jax.random.key(0), xs)
+
+  def loss(v):
+    o = model.apply(v, xs)
+    o = o[-1] if many_to_one else o
+    return 0.5 * jnp.sum((o - ys) ** 2) / B
+
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(variables).compile()
+  return (lambda: compiled(variables)), compiled.memory_analysis().temp_size_in_bytes
+
+
+def torch_method(dims, opts):
+  try:
+    import torch
+  except ImportError as e:
+    raise NotInstalled from e
+  if opts.get("tau_max") or opts.get("checkpoint_every"):
+    return None
+  T, B, D, H, L = dims
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  rnn = torch.nn.RNN(D, H, num_layers=L, nonlinearity="tanh")  # time-major [T, B, D]
+  head = torch.nn.Linear(H, D)
+  xs = torch.randn(T, B, D)
+  many_to_one = opts.get("many_to_one", False)
+  ys = torch.randn(B, D) if many_to_one else torch.randn(T, B, D)
+
+  def call():
+    for p in (*rnn.parameters(), *head.parameters()):
+      p.grad = None
+    o = head(rnn(xs)[0])
+    o = o[-1] if many_to_one else o
+    loss = 0.5 * ((o - ys) ** 2).sum() / B
+    loss.backward()
+    return loss
+
+  return call, None
+
+
+def _block(x):
+  return jax.block_until_ready(x) if not hasattr(x, "detach") else x.detach()
+
+
+def time_interleaved(methods: Dict[str, Callable], repeats: int, min_time: float):
+  """Median seconds per call; every repeat times every method once, in turn."""
+  calls = {}
+  for name, f in methods.items():  # warm up and choose calls per sample
+    _block(f())
+    n = 1
+    while True:
+      t0 = time.perf_counter()
+      for _ in range(n):
+        _block(f())
+      if time.perf_counter() - t0 >= min_time or n >= 4096:
+        break
+      n *= 2
+    calls[name] = n
+  samples = {name: [] for name in methods}
+  for _ in range(repeats):
+    for name, f in methods.items():
+      t0 = time.perf_counter()
+      for _ in range(calls[name]):
+        _block(f())
+      samples[name].append((time.perf_counter() - t0) / calls[name])
+  return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run(cfg: Config):
+  grid = SMOKE_GRID if cfg.smoke else GRID
+  peak_n = 512 if cfg.smoke else 2048
+  peak = measure_peak(peak_n)
+  rows, skipped = [], set()
+  for dims, opts in grid:
+    methods = jax_methods(dims, opts)
+    if cfg.peers:
+      for name, make in (("flax nn.RNN(SimpleCell)", flax_method),
+                         ("torch nn.RNN (CPU)", torch_method)):
+        try:
+          m = make(dims, opts)
+        except NotInstalled:
+          skipped.add(name)
+          continue
+        if m is not None:
+          methods[name] = m
+    times = time_interleaved({k: v[0] for k, v in methods.items()}, cfg.repeats, cfg.min_time)
+    base = times["jaxrnn.bptt"]
+    gflops = flops(dims, opts) / base / 1e9
+    rows.append(dict(point=_label(dims, opts), dims=dims, options=opts,
+                     time_s=times, ratio_to_bptt={k: t / base for k, t in times.items()},
+                     temp_bytes={k: v[1] for k, v in methods.items() if v[1] is not None},
+                     bptt_gflops=gflops, bptt_fraction_of_peak=gflops / peak))
+    print(format_row(rows[-1]), flush=True)
+  return dict(peak_gflops=peak, peak_n=peak_n, rows=rows, skipped=sorted(skipped),
+              machine=dict(platform=platform.platform(), processor=platform.processor(),
+                           cpus=os.cpu_count(), device=str(jax.devices()[0]),
+                           jax=jax.__version__))
+
+
+def format_row(r):
+  return (f"{r['point']}: " + ", ".join(f"{k} {1e3 * t:.2f} ms ({r['ratio_to_bptt'][k]:.2f}x)"
+                                        for k, t in r["time_s"].items())
+          + f"; bptt {r['bptt_gflops']:.1f} GFLOP/s")
+
+
+def geomean(xs):
+  xs = [x for x in xs if x is not None]
+  return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def summarise(result):
+  rows = result["rows"]
+  grid = [r for r in rows if not r["options"]]  # the six plain grid points
+  def ratios(name, subset):
+    return [r["ratio_to_bptt"].get(name) for r in subset]
+  s = {}
+  for name in ("jaxrnn.autodiff_bptt", "flax nn.RNN(SimpleCell)", "torch nn.RNN (CPU)"):
+    rs = [x for x in ratios(name, grid) if x is not None]
+    if rs:
+      s[name] = dict(geomean_speedup=geomean(rs), min_speedup=min(rs))
+  mem = [r["temp_bytes"]["jaxrnn.bptt"] / r["temp_bytes"]["jaxrnn.autodiff_bptt"] for r in rows]
+  s["max_temp_memory_ratio_vs_autodiff"] = max(mem)
+  for r in rows:
+    ck = [n for n in r["time_s"] if n.startswith("bptt checkpoint")]
+    if ck:
+      s["checkpoint"] = dict(point=r["point"], mode=ck[0],
+                             time_ratio=r["ratio_to_bptt"][ck[0]],
+                             temp_memory_ratio=r["temp_bytes"][ck[0]] / r["temp_bytes"]["jaxrnn.bptt"])
+  h512 = [r for r in rows if r["dims"][3] == 512]
+  if h512:
+    s["fraction_of_peak_at_H512"] = h512[0]["bptt_fraction_of_peak"]
+  return s
+
+
+def markdown(result) -> str:
+  rows = result["rows"]
+  names = list(dict.fromkeys(k for r in rows for k in r["time_s"]))
+  short = {"jaxrnn.bptt": "bptt", "jaxrnn.autodiff_bptt": "autodiff",
+           "flax nn.RNN(SimpleCell)": "flax", "torch nn.RNN (CPU)": "torch"}
+  short.update({n: "ckpt" for n in names if n.startswith("bptt checkpoint")})
+  head = ("| point | " + " | ".join(f"{short[n]} ms" for n in names) + " | "
+          + " | ".join(f"{short[n]}/bptt" for n in names[1:])
+          + " | bptt GFLOP/s (% of peak) | temp MB: " + " / ".join(
+              short[n] for n in names if not n.startswith("torch")) + " |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    t = [f"{1e3 * r['time_s'][n]:.2f}" if n in r["time_s"] else "–" for n in names]
+    ratio = [f"{r['ratio_to_bptt'][n]:.2f}x" if n in r["time_s"] else "–" for n in names[1:]]
+    mem = [f"{r['temp_bytes'][n] / 1e6:.1f}" if n in r["temp_bytes"] else "–"
+           for n in names if not n.startswith("torch")]
+    lines.append(f"| {r['point']} | " + " | ".join(t) + " | " + " | ".join(ratio)
+                 + f" | {r['bptt_gflops']:.1f} ({100 * r['bptt_fraction_of_peak']:.0f}%) | "
+                 + " / ".join(mem) + " |")
+  m = result["machine"]
+  lines += ["", f"Matrix-multiply peak measured in the same run: {result['peak_gflops']:.1f} "
+            f"GFLOP/s (float32, {result['peak_n']}² matmul). Machine: {m['cpus']} CPUs, {m['platform']}, "
+            f"{m['device']}, jax {m['jax']}. Ratios > 1 mean jaxrnn.bptt is faster."]
+  if result["skipped"]:
+    lines.append(f"Skipped (not installed): {', '.join(result['skipped'])}.")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  cfg = parse_config(Config, argv, smoke=Config(smoke=True, repeats=2, min_time=0.01))
+  result = run(cfg)
+  result["summary"] = summarise(result)
+  result["config"] = dataclasses.asdict(cfg)
+  out = results_dir("bench", cfg.out or None)
+  write_json(out / "bench.json", result)
+  table = markdown(result)
+  (out / "bench.md").write_text(table + "\n")
+  print("\n" + table + "\n")
+  print("summary:", result["summary"])
+  return result
+
+
+if __name__ == "__main__":
+  main()

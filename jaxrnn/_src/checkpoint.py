@@ -1,0 +1,179 @@
+"""Memory-efficient hand-written BPTT: store the state every k steps, recompute the rest.
+
+``bptt(..., checkpoint_every=k)`` runs the forward pass segment by segment
+(k steps, all layers) and keeps only the state at each segment's start:
+``ceil(T / k)`` states per layer instead of T. The backward pass walks the
+segments from last to first; for each one it recomputes the segment's states
+from its checkpoint, computes the segment's loss terms, and runs the same
+delta recursion as :func:`jaxrnn.bptt`, with the T-delta carried across the
+segment boundary (Gruslys et al. 2016, "Memory-efficient backpropagation
+through time"; Chen et al. 2016). Memory: O((T/k + k) B H L) instead of
+O(T B H L); time: one more forward pass.
+
+With truncation, every chunk's window is an independent backward problem:
+the start states of all windows are recorded during one checkpointed forward
+pass, then a scan over chunks runs the checkpointed backward on each window.
+"""
+
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxrnn._src import checks, windows
+from jaxrnn._src.bptt import (ManualResult, _loss_and_output_grad, backward_layers,
+                              readout_backward)
+from jaxrnn._src.params import LayerParams, RNNParams
+from jaxrnn._src.rnn import forward_layers, readout
+
+
+def _segments(a, k, fill):
+  """``[W, ...] -> [S, k, ...]`` with the tail padded by ``fill`` to S·k steps."""
+  W = a.shape[0]
+  S = -(-W // k)
+  pad = S * k - W
+  if pad:
+    a = jnp.concatenate([a, jnp.full((pad,) + a.shape[1:], fill, a.dtype)], axis=0)
+  return a.reshape((S, k) + a.shape[1:])
+
+
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset, k, loss,
+                    batch):
+  """Checkpointed loss and gradients over one window of W steps.
+
+  Args:
+    xs [W, N, D]; valid/reset [W, N] bool or None; targets/weights per step;
+    h_start, h_reset: tuples of [N, H_l]; k: segment length; batch: the B the
+    loss is averaged over.
+
+  Returns:
+    ``(loss, layer grads, readout grads, dL/dh_start, dL/dh_reset or None)``.
+  """
+  W = xs.shape[0]
+  if W % k and valid is None:      # padded tail steps must be frozen (they pass δ through)
+    valid = jnp.ones(xs.shape[:2], bool)
+  seg = lambda a, fill=0: None if a is None else _segments(a, k, fill)
+  xs_s, valid_s, reset_s = seg(xs), seg(valid, False), seg(reset, False)
+  targets_s, weights_s = seg(targets), seg(weights)
+
+  def forward_body(h, inp):
+    x, v, r = inp
+    hs = forward_layers(params, x, h, v, r, h_reset, inplace=True)
+    return tuple(s[-1] for s in hs), h              # keep the state at the segment's start
+
+  _, starts = lax.scan(forward_body, h_start, (xs_s, valid_s, reset_s))
+
+  zero_layers = tuple(jax.tree.map(jnp.zeros_like, l) for l in params.layers)
+  zero_readout = None if params.readout is None else jax.tree.map(jnp.zeros_like,
+                                                                  params.readout)
+  zeros_h = tuple(jnp.zeros_like(h) for h in h_start)
+
+  def backward_body(carry, inp):
+    dh_next, g_layers, g_readout, d_reset = carry
+    x, v, r, y, w, h0_seg = inp
+    hs = forward_layers(params, x, h0_seg, v, r, h_reset, inplace=True)   # recompute
+    value, d_out = _loss_and_output_grad(readout(params, hs[-1]), y, w, loss, batch)
+    g, d_ro = readout_backward(params, hs[-1], d_out)
+    back = backward_layers(params, x, hs, h0_seg, g, v, r, h_reset, dh_end=dh_next)
+    if reset is not None:
+      d_reset = _add(d_reset, back.dh_reset)
+    return (back.dh_start, _add(g_layers, back.layers),
+            g_readout if d_ro is None else _add(g_readout, d_ro), d_reset), value
+
+  init = (zeros_h, zero_layers, zero_readout, zeros_h if reset is not None else None)
+  (dh_start, g_layers, g_readout, d_reset), values = lax.scan(
+      backward_body, init, (xs_s, valid_s, reset_s, targets_s, weights_s, starts), reverse=True)
+  return jnp.sum(values), g_layers, g_readout, dh_start, d_reset
+
+
+def checkpointed_bptt(params, inp: checks.Inputs, loss: str, k: int) -> ManualResult:
+  """Same result as :func:`jaxrnn._src.bptt.manual_bptt`, in O((T/k + k) B H) memory."""
+  T, B = inp.xs.shape[:2]
+  h_reset = inp.h0 if inp.h_reset is None else inp.h_reset
+  reach_h0 = inp.h_reset is None
+  if inp.truncation is None:
+    value, g_layers, g_readout, dh_start, d_reset = window_backward(
+        params, inp.xs, inp.valid, inp.reset, inp.targets, inp.weights, inp.h0, h_reset,
+        min(k, T), loss, B)
+    dh0 = dh_start if d_reset is None or not reach_h0 else _add(dh_start, d_reset)
+    return ManualResult(value, RNNParams(g_layers, g_readout, params.activation), dh0,
+                        (None,) * len(params.layers), None)
+  return _truncated(params, inp, loss, k, h_reset, reach_h0)
+
+
+def _window_starts(params, inp, win, k, h_reset):
+  """States before each chunk's window, from one checkpointed forward pass.
+
+  Returns a tuple of [C, N, H_l]: ``h_{s_c - 1}`` (h0 where the window
+  reaches step 0).
+  """
+  T = inp.xs.shape[0]
+  S = -(-T // k)
+  need = np.maximum(win.steps[:, 0] - 1, -1)        # step whose state starts window c
+  seg_of, pos = need // k, need % k                  # -1 -> h0, handled below
+  per_seg = [np.flatnonzero(seg_of == s) for s in range(S)]
+  m = max(1, max(len(c) for c in per_seg))
+  gather = np.zeros((S, m), np.int32)               # positions inside each segment
+  for s, cs in enumerate(per_seg):
+    gather[s, :len(cs)] = pos[cs]
+  valid = inp.valid
+  if T % k and valid is None:
+    valid = jnp.ones(inp.xs.shape[:2], bool)
+  seg = lambda a, fill=0: None if a is None else _segments(a, k, fill)
+
+  def body(h, inp_s):
+    x, v, r, idx = inp_s
+    hs = forward_layers(params, x, h, v, r, h_reset, inplace=True)
+    return tuple(s[-1] for s in hs), tuple(s[idx] for s in hs)   # [m, N, H] per layer
+
+  _, picked = lax.scan(body, inp.h0, (seg(inp.xs), seg(valid, False), seg(inp.reset, False),
+                                     jnp.asarray(gather)))
+  flat_index = np.zeros(len(need), np.int32)
+  for s, cs in enumerate(per_seg):
+    flat_index[cs] = s * m + np.arange(len(cs))
+  starts = []
+  for p, h0 in zip(picked, inp.h0):
+    p = p.reshape((-1,) + p.shape[2:])[flat_index]                 # [C, N, H]
+    starts.append(jnp.where(jnp.asarray(need < 0)[:, None, None], h0[None], p))
+  return tuple(starts)
+
+
+def _truncated(params, inp, loss, k, h_reset, reach_h0):
+  T, B = inp.xs.shape[:2]
+  win = windows.make_windows(T, inp.truncation)
+  W = win.steps.shape[1]
+  starts = _window_starts(params, inp, win, k, h_reset)
+  # Front-pad by W steps so every window is one dynamic slice (padded steps are frozen).
+  pad = lambda a, fill: None if a is None else jnp.concatenate(
+      [jnp.full((W,) + a.shape[1:], fill, a.dtype), a], axis=0)
+  valid = inp.valid if inp.valid is not None else jnp.ones((T, B), bool)
+  xs_p, valid_p = pad(inp.xs, 0), pad(valid, False)
+  reset_p, targets_p, weights_p = pad(inp.reset, False), pad(inp.targets, 0), pad(inp.weights, 0)
+  first = jnp.asarray(win.steps[:, 0] + W)                        # slice start in padded arrays
+  own = jnp.asarray(win.in_chunk, inp.weights.dtype)             # [C, W]
+  from_start = jnp.asarray(win.from_start)
+
+  def body(carry, c):
+    total, g_layers, g_readout, dh0 = carry
+    cut = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, first[c], W, 0)
+    value, gl, gr, d_start, d_reset = window_backward(
+        params, cut(xs_p), cut(valid_p), cut(reset_p), cut(targets_p),
+        cut(weights_p) * own[c][:, None], tuple(s[c] for s in starts), h_reset,
+        min(k, W), loss, B)
+    d = tuple(jnp.where(from_start[c], s, 0) for s in d_start)  # cut windows: constant start
+    if d_reset is not None and reach_h0:
+      d = _add(d, d_reset)
+    return (total + value, _add(g_layers, gl), None if gr is None else _add(g_readout, gr),
+            _add(dh0, d)), None
+
+  zero = lambda t: jax.tree.map(jnp.zeros_like, t)
+  init = (jnp.zeros((), inp.xs.dtype), zero(params.layers), zero(params.readout), zero(inp.h0))
+  (value, g_layers, g_readout, dh0), _ = lax.scan(body, init, jnp.arange(win.steps.shape[0]))
+  return ManualResult(value, RNNParams(g_layers, g_readout, params.activation), dh0,
+                      (None,) * len(params.layers), None)
