@@ -1,0 +1,71 @@
+"""Numerical safety: saturated units, near-one-hot softmax, very long float32 sequences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxrnn
+from helpers import assert_trees_close, make_problem
+
+
+def _finite(tree):
+  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_saturated_units(activation, dtype):
+  """Pre-activations around ±1e3 in the bounded activations: f' underflows to 0,
+  nothing overflows."""
+  params, xs, targets = make_problem(0, T=8, B=3, hidden=(4, 3), activation=activation,
+                                     dtype=dtype, scale=300.0)
+  xs = xs * 3
+  z = xs[0] @ params.layers[0].W_xh
+  assert float(jnp.max(jnp.abs(z))) > 500
+  for loss, y in (("mse", targets), ("xent", jnp.zeros(targets.shape[:2], jnp.int32))):
+    got = jaxrnn.bptt(params, xs, y, loss=loss, return_dh0=True)
+    want = jaxrnn.autodiff_bptt(params, xs, y, loss=loss, return_dh0=True)
+    assert _finite(got)
+    assert_trees_close(got, want, 1e-10 if dtype == jnp.float64 else 1e-4,
+                       atol=1e-6 if dtype == jnp.float32 else 0.0)
+
+
+def test_unbounded_activation_overflow_is_reported_not_hidden():
+  """relu is not bounded: weights ×300 over 8 steps really overflow float32. Both paths
+  say so (non-finite loss), which the train step turns into a skipped update."""
+  params, xs, targets = make_problem(0, T=8, B=3, hidden=(4, 3), activation="relu",
+                                     dtype=jnp.float32, scale=300.0)
+  for fn in (jaxrnn.bptt, jaxrnn.autodiff_bptt):
+    assert not np.isfinite(float(fn(params, xs * 3, targets)[0]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_near_one_hot_softmax(dtype):
+  """Logits of ±1e3 (log-softmax, never log(softmax)): finite loss and gradients."""
+  params, xs, _ = make_problem(1, T=6, B=2, hidden=(3,), O=5, dtype=dtype)
+  params = params._replace(readout=params.readout._replace(W_hy=params.readout.W_hy * 2e3))
+  logits = jaxrnn.forward(params, xs)[2]
+  assert float(jnp.max(jnp.abs(logits))) > 300
+  wrong = jnp.argmin(logits, axis=-1)            # the least likely class: loss ~ 1e3
+  for y in (wrong, jnp.argmax(logits, axis=-1)):
+    got = jaxrnn.bptt(params, xs, y, loss="xent")
+    want = jaxrnn.autodiff_bptt(params, xs, y, loss="xent")
+    assert _finite(got)
+    assert_trees_close(got, want, 1e-10 if dtype == jnp.float64 else 1e-4,
+                       atol=1e-5 if dtype == jnp.float32 else 0.0)
+
+
+def test_long_float32_sequence():
+  """T = 10000 in float32: finite, and within float32 accumulation error of autodiff."""
+  params = jaxrnn.init_params(jax.random.key(0), 4, (16,), 2, dtype=jnp.float32)
+  rng = np.random.default_rng(0)
+  xs = jnp.asarray(rng.normal(size=(10_000, 2, 4)), jnp.float32)
+  ys = jnp.asarray(rng.normal(size=(10_000, 2, 2)), jnp.float32)
+  for kw in (dict(), dict(tau_max=100), dict(checkpoint_every=100)):
+    got = jaxrnn.bptt(params, xs, ys, **kw)
+    assert _finite(got)
+    want = jaxrnn.autodiff_bptt(params, xs, ys, **{k: v for k, v in kw.items()
+                                                    if k != "checkpoint_every"})
+    assert _finite(want)
+    assert_trees_close(got, want, 1e-3, atol=1e-3)
