@@ -35,6 +35,8 @@ class Config:
   steps: int = 600            # full-batch Adam steps; more overfits the noise (½·SSE << noise floor)
   lr: float = 0.01            # peak of a cosine decay to 1% of it
   dtype: str = "float32"
+  checkpoint_every: int = 100  # steps between training checkpoints (in <out>/checkpoints)
+  resume: bool = False         # continue from the newest intact checkpoint
   smoke: bool = False
   out: str = ""
 
@@ -42,7 +44,7 @@ class Config:
 SMOKE = Config(steps=20, smoke=True)
 
 
-def run(cfg: Config):
+def run(cfg: Config, out=None):
   dtype = dtype_of(cfg.dtype)
   rng = np.random.default_rng(cfg.seed)
   t = np.linspace(0.0, 4 * np.pi, cfg.n_points)
@@ -59,8 +61,14 @@ def run(cfg: Config):
   # jaxrnn's mse is ½ Σ (ŷ − y)² averaged over the batch: ½·SSE / B. Adam is
   # invariant to that constant factor; reported losses are converted to ½·SSE.
   step = jaxrnn.make_train_step(opt, method=cfg.grad, loss="mse", many_to_one=True)
+  ckpt = None if out is None else out / "checkpoints"
+  if ckpt is not None and not cfg.resume and ckpt.exists():
+    for old in ckpt.glob("ckpt_*"):  # a fresh run starts fresh
+      old.unlink()
   fit = jaxrnn.fit(step, params, opt.init(params), lambda i: dict(xs=xs, targets=ys),
-                   cfg.steps, log_every=max(1, cfg.steps // 100), desc="sine")
+                   cfg.steps, log_every=max(1, cfg.steps // 100), desc="sine",
+                   checkpoint_dir=ckpt, checkpoint_every=cfg.checkpoint_every,
+                   resume=cfg.resume)
   half_sse = [l * n for l in fit.history["loss"]]
 
   @jax.jit
@@ -78,7 +86,7 @@ def run(cfg: Config):
                  one_step_rmse_vs_clean=float(np.sqrt(np.mean((one_step - clean[cfg.window:]) ** 2))),
                  targets={"generation RMSE < 0.1": bool(rmse < 0.1)})
   curves = dict(t=t, clean=clean, noisy=noisy, generated=generated, one_step=one_step,
-                history=fit.history, half_sse=half_sse)
+                history=fit.history, half_sse=half_sse, params=fit.params)
   return metrics, curves
 
 
@@ -103,10 +111,11 @@ def plot(path, cfg, metrics, c):
 def main(argv=None):
   cfg = parse_config(Config, argv, smoke=SMOKE)
   out = results_dir("sine", cfg.out or None)
-  metrics, curves = run(cfg)
+  metrics, curves = run(cfg, out)
   metrics["config"] = dataclasses.asdict(cfg)
   metrics["generated"] = curves["generated"].tolist()
   write_json(out / "metrics.json", metrics)
+  np.savez(out / "params.npz", *[np.asarray(x) for x in jax.tree.leaves(curves["params"])])
   plot(out / "sine.png", cfg, metrics, curves)
   print(f"final ½·SSE {metrics['final_half_sse']:.4f}; one-step RMSE vs clean sine "
         f"{metrics['one_step_rmse_vs_clean']:.4f}; closed-loop generation RMSE "

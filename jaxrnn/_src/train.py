@@ -99,7 +99,8 @@ class FitResult(NamedTuple):
 
 def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, Any]],
         num_steps: int, *, log_every: int = 10, max_consecutive_skips: int = 20,
-        progress: bool = True, desc: str = "train") -> FitResult:
+        progress: bool = True, desc: str = "train", checkpoint_dir=None,
+        checkpoint_every: int = 100, resume: bool = True) -> FitResult:
   """Runs ``num_steps`` train steps with a progress bar and periodic metrics.
 
   Args:
@@ -114,14 +115,35 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
     max_consecutive_skips: raise :class:`NonFiniteError` after this many
       non-finite steps in a row.
     progress: show a tqdm progress bar.
+    checkpoint_dir: if given, the training state (params, optimizer state,
+      step, metrics so far, skip counters) is saved there atomically every
+      ``checkpoint_every`` steps and at the end (see :mod:`jaxrnn._src.persist`).
+    checkpoint_every: steps between checkpoints.
+    resume: with a ``checkpoint_dir``, continue from its newest intact
+      checkpoint (a corrupted newest one is skipped with a warning). The
+      resumed run is bitwise identical to an uninterrupted one, since step
+      ``i`` depends only on the state and on ``batches(i)``.
 
   Returns:
     ``FitResult(params, opt_state, history, skipped)``.
   """
+  from jaxrnn._src import persist
   history = {"step": [], "loss": [], "grad_norm": []}
-  skipped = consecutive = 0
+  skipped = consecutive = start = 0
+  if checkpoint_dir is not None and resume:
+    found = persist.load_latest(checkpoint_dir, (params, opt_state))
+    if found is not None:
+      (params, opt_state), record = found
+      start, history = record["step"], record["history"]
+      skipped, consecutive = record["skipped"], record["consecutive"]
+
+  def save(done):
+    persist.save(checkpoint_dir, done, (params, opt_state),
+                 dict(history=history, skipped=skipped, consecutive=consecutive))
+
   # disable=None: a bar on a terminal, silence in logs (CI, pipes)
-  bar = tqdm(range(num_steps), desc=desc, disable=None if progress else True, leave=False)
+  bar = tqdm(range(start, num_steps), desc=desc, disable=None if progress else True,
+             leave=False, initial=start, total=num_steps)
   for i in bar:
     params, opt_state, m = step(params, opt_state, **batches(i))
     if bool(m.skipped):
@@ -140,4 +162,8 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
       history["loss"].append(float(m.loss))
       history["grad_norm"].append(float(m.grad_norm))
       bar.set_postfix(loss=f"{float(m.loss):.4g}", skipped=skipped, refresh=False)
+    if checkpoint_dir is not None and (i + 1) % checkpoint_every == 0:
+      save(i + 1)
+  if checkpoint_dir is not None and num_steps > start:
+    save(num_steps)
   return FitResult(params, opt_state, history, skipped)

@@ -1,0 +1,88 @@
+"""Training checkpoints: atomic writes, integrity checks, resume from the newest good one.
+
+A checkpoint is one ``.npz`` file per step holding every array leaf of the
+training state, a JSON record of everything else (step, metrics so far, skip
+counters, data position) and a SHA-256 over all of it. It is written to a
+temporary file, flushed to disk, then renamed into place, so a crash leaves
+either the old set of checkpoints or the new one, never half a file under a
+checkpoint's name. Loading walks from the newest checkpoint back and skips,
+with a warning naming the file and the reason, any that is truncated,
+corrupted or does not fit the expected state.
+"""
+
+import hashlib
+import io
+import json
+import os
+import pathlib
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import numpy as np
+
+PATTERN = "ckpt_{:09d}.npz"
+
+
+def _digest(arrays, record: str) -> str:
+  h = hashlib.sha256(record.encode())
+  for a in arrays:
+    h.update(str((a.dtype.str, a.shape)).encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> pathlib.Path:
+  """Atomically writes the checkpoint of ``step``; keeps the newest ``keep`` files.
+
+  Args:
+    directory: folder of the checkpoints (created if needed).
+    step: the number of completed steps (names the file).
+    state: a pytree of arrays (params, optimizer state, ...).
+    record: JSON-serialisable data (metrics so far, counters, data position).
+    keep: how many checkpoints to keep.
+  """
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  arrays = [np.asarray(x) for x in jax.tree.leaves(state)]
+  record = json.dumps(dict(record, step=step), sort_keys=True)
+  buf = io.BytesIO()
+  np.savez(buf, *arrays, record=np.array(record), digest=np.array(_digest(arrays, record)))
+  path = directory / PATTERN.format(step)
+  tmp = path.with_suffix(".tmp")
+  with open(tmp, "wb") as f:
+    f.write(buf.getvalue())
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  for old in sorted(directory.glob("ckpt_*.npz"))[:-keep]:
+    old.unlink()
+  return path
+
+
+def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
+  """``(state, record)`` of the newest intact checkpoint, or None if there is none.
+
+  ``template`` is a pytree with the structure, shapes and dtypes of the saved
+  state (for example the freshly initialised one).
+  """
+  directory = pathlib.Path(directory)
+  leaves, treedef = jax.tree.flatten(template)
+  for path in sorted(directory.glob("ckpt_*.npz"), reverse=True):
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        record = str(z["record"])
+        arrays = [z[f"arr_{i}"] for i in range(len(leaves))]
+        if f"arr_{len(leaves)}" in z.files:
+          raise ValueError("it holds more arrays than the training state has")
+        if str(z["digest"]) != _digest(arrays, record):
+          raise ValueError("its checksum does not match its contents")
+      for i, (a, t) in enumerate(zip(arrays, leaves)):
+        if a.shape != np.shape(t) or a.dtype != np.asarray(t).dtype:
+          raise ValueError(f"array {i} is {a.dtype}{list(a.shape)}, the state expects "
+                           f"{np.asarray(t).dtype}{list(np.shape(t))}")
+      return treedef.unflatten([jax.numpy.asarray(a) for a in arrays]), json.loads(record)
+    except Exception as e:  # noqa: BLE001 - any unreadable file means: try the previous one
+      warnings.warn(f"skipping checkpoint {path}: {type(e).__name__}: {e}. "
+                    f"Falling back to the previous checkpoint.", RuntimeWarning, stacklevel=2)
+  return None
