@@ -77,9 +77,10 @@ FULL = ("counting", "bitsum", "sine", "truncation")
 
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory):
-  """The full default configs, run as a user runs them: separate processes, default
+  """The full default configs, run as a user runs them: separate processes with default
   JAX/XLA settings (the suite's float64 and low XLA optimisation level would make
-  training several times slower), all started at once to use both cores."""
+  training several times slower), all started at once. (Starting them with the module,
+  to overlap its smoke tests, was measured slower: the two cores are already busy.)"""
   import os
   import subprocess
   root = tmp_path_factory.mktemp("full")

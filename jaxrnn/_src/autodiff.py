@@ -66,6 +66,7 @@ def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None
   windows are realised with ``jax.lax.stop_gradient`` on the state at each
   window's start (see :mod:`jaxrnn._src.windows`).
   """
+  checks.check_static_options(loss, many_to_one)
   tau_max, tau_b = checks.canonical_truncation(xs, tau_max, tau_b)
   return _autodiff_bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                         tau_max=tau_max, tau_b=tau_b, lengths=lengths,

@@ -134,6 +134,15 @@ def canonical_truncation(xs, tau_max, tau_b):
   return (None, None) if trunc is None else (trunc.window, trunc.tau_b)
 
 
+def check_static_options(loss, many_to_one) -> None:
+  """Checks the static options before the jit boundary (an unhashable value would
+  otherwise fail inside ``jax.jit`` without naming the argument)."""
+  if not isinstance(loss, str) or loss not in LOSSES:
+    raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}.")
+  if not isinstance(many_to_one, (bool, np.bool_)):
+    raise TypeError(f"many_to_one must be a bool; got {many_to_one!r}.")
+
+
 class Inputs(NamedTuple):
   """Validated, normalised inputs shared by the manual and autodiff paths."""
   xs: jax.Array                   # [T, B, D] in the params' dtype; 0 at padded steps
@@ -217,10 +226,7 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
   if targets is None:
     return Inputs(xs, h0, valid, reset, None, None, truncation)
 
-  if loss not in LOSSES:
-    raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}.")
-  if not isinstance(many_to_one, (bool, np.bool_)):
-    raise TypeError(f"many_to_one must be a bool; got {many_to_one!r}.")
+  check_static_options(loss, many_to_one)
   O = output_size(params)
   lead = (B,) if many_to_one else (T, B)
   want = lead + ((O,) if loss == "mse" else ())

@@ -173,7 +173,6 @@ def forward(params, xs, h0=None, *, lengths=None, resets=None):
   return tuple(h[-1] for h in hs), hs, readout(params, hs[-1])
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "many_to_one"))
 def loss(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
          lengths=None, loss_weights=None, resets=None):
   """Training loss of the RNN on a batch (a scalar).
@@ -202,6 +201,13 @@ def loss(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
   Returns:
     The scalar loss.
   """
+  checks.check_static_options(loss, many_to_one)
+  return _loss(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
+               lengths=lengths, loss_weights=loss_weights, resets=resets)
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "many_to_one"))
+def _loss(params, xs, targets, *, loss, many_to_one, h0, lengths, loss_weights, resets):
   inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                        lengths=lengths, loss_weights=loss_weights, resets=resets)
   hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, inp.h0)
