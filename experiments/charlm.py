@@ -53,6 +53,8 @@ class Config:
   sample_chars: int = 240
   temperature: float = 0.8
   dtype: str = "float32"
+  checkpoint_every: int = 1000  # updates between checkpoints (params, optimizer, stream state)
+  resume: bool = False          # continue from the newest intact checkpoint in <out>/checkpoints
   smoke: bool = False
   out: str = ""
 
@@ -118,7 +120,7 @@ def streams(ids, file_starts, B, tau_b):
   return x, y, r, w.astype(np.float32)
 
 
-def run(cfg: Config):
+def run(cfg: Config, out=None):
   dtype = dtype_of(cfg.dtype)
   corpus, n_files = load_corpus(cfg)
   table, seen, V = vocabulary(corpus["train"][0])
@@ -174,10 +176,24 @@ def run(cfg: Config):
   n_chunks = x.shape[0] // cfg.tau_b
   history = dict(step=[], train_bits=[], eval_step=[], heldout_bits=[])
   samples = []
+  running, start, seconds_before = None, 0, 0.0
+  # Checkpoints hold the params, the optimizer state and the stream's carried state; the
+  # stream position is the update count (chunk i % n_chunks), the sample keys derive from it.
+  ckpt = None if out is None else out / "checkpoints"
+  if ckpt is not None and cfg.resume:
+    found = jaxrnn.load_latest_checkpoint(ckpt, (params, opt_state, state))
+    if found is not None:
+      (params, opt_state, state), rec = found
+      start, history, samples = rec["step"], rec["history"], rec["samples"]
+      running, seconds_before = rec["running"], rec["seconds"]
+      print(f"resumed from update {start}")
+  elif ckpt is not None and ckpt.exists():
+    for old in ckpt.glob("ckpt_*"):
+      old.unlink()
   from tqdm.auto import tqdm
   t0 = time.perf_counter()
-  running = None
-  for i in tqdm(range(cfg.steps), desc="charlm", disable=None):
+  for i in tqdm(range(start, cfg.steps), desc="charlm", disable=None, initial=start,
+                total=cfg.steps):
     c = i % n_chunks
     sl = slice(c * cfg.tau_b, (c + 1) * cfg.tau_b)
     params, opt_state, state, loss = stream.step(
@@ -196,7 +212,11 @@ def run(cfg: Config):
       samples.append(dict(step=i + 1, text=text))
       print(f"\nstep {i + 1}: held-out {held:.3f} bits/char (bigram {big_bits:.3f}); sample:\n"
             f"{text}\n" + "-" * 60)
-  seconds = time.perf_counter() - t0
+    if ckpt is not None and ((i + 1) % cfg.checkpoint_every == 0 or i == cfg.steps - 1):
+      jaxrnn.save_checkpoint(ckpt, i + 1, (params, opt_state, state), dict(
+          history=history, samples=samples, running=running,
+          seconds=seconds_before + time.perf_counter() - t0))
+  seconds = seconds_before + time.perf_counter() - t0
   final = history["heldout_bits"][-1]
   metrics = dict(heldout_bits_per_char=final, unigram_bits_per_char=uni_bits,
                  bigram_bits_per_char=big_bits, vocabulary=V, train_chars=int(len(train_ids)),
@@ -226,7 +246,7 @@ def plot(path, metrics):
 def main(argv=None):
   cfg = parse_config(Config, argv, smoke=SMOKE)
   out = results_dir("charlm", cfg.out or None)
-  metrics = run(cfg)
+  metrics = run(cfg, out)
   metrics["config"] = dataclasses.asdict(cfg)
   write_json(out / "metrics.json", metrics)
   plot(out / "charlm.png", metrics)

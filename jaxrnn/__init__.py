@@ -5,6 +5,8 @@ from jaxrnn._src.autodiff import autodiff_bptt
 from jaxrnn._src.bptt import backward_deltas, bptt
 from jaxrnn._src.checks import validate_inputs
 from jaxrnn._src.params import LayerParams, Readout, RNNParams, init_params
+from jaxrnn._src.persist import load_latest as load_latest_checkpoint
+from jaxrnn._src.persist import save as save_checkpoint
 from jaxrnn._src.rnn import elman_step, forward, loss
 from jaxrnn._src.train import (FitResult, NonFiniteError, StepMetrics, fit, global_norm,
                                make_train_step)
@@ -30,8 +32,10 @@ __all__ = (
     "forward",
     "global_norm",
     "init_params",
+    "load_latest_checkpoint",
     "loss",
     "make_tbptt_stream",
     "make_train_step",
+    "save_checkpoint",
     "validate_inputs",
 )

@@ -109,3 +109,20 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   for x, y, z in zip(pa, pb, pc):
     np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(x, z)
+
+
+def test_streaming_charlm_resumes_bitwise(tmp_path):
+  """The streaming trainer checkpoints params, optimizer state and the stream's carried
+  state; resuming from an older checkpoint (the newest one lost) gives the same run."""
+  sys.path.insert(0, str(ROOT / "experiments"))
+  import charlm
+  args = ["--smoke", "--checkpoint_every", "3"]
+  with jax.numpy_dtype_promotion("standard"):
+    full = charlm.main(args + ["--out", str(tmp_path / "a")])
+    charlm.main(args + ["--steps", "8", "--out", str(tmp_path / "b")])    # "dies" at 8
+    (tmp_path / "b" / "checkpoints" / "ckpt_000000008.npz").unlink()      # newest lost
+    resumed = charlm.main(args + ["--resume", "true", "--out", str(tmp_path / "b")])
+  for m in (full, resumed):
+    m.pop("config")
+    m.pop("train_seconds")
+  assert full == resumed
