@@ -92,6 +92,7 @@ def full_runs(tmp_path_factory):
   return root, procs
 
 
+@pytest.mark.xdist_group("full_configs")  # one worker starts the runs once (module fixture)
 @pytest.mark.parametrize("name", FULL)
 def test_full_config_meets_its_targets(name, full_runs):
   root, procs = full_runs

@@ -15,6 +15,9 @@ from hypothesis import strategies as st
 import jaxrnn
 from helpers import make_problem
 
+# One worker runs this module in order: the last test checks what the first one tried.
+pytestmark = pytest.mark.xdist_group("malformed")
+
 T, B, D, HID, O = 5, 3, 2, (4, 3), 2
 PARAMS, XS, Y = make_problem(0, T=T, B=B, D=D, hidden=HID, O=O)
 CLASSES = jnp.zeros((T, B), jnp.int32)
