@@ -55,17 +55,23 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def median_time(fn: Callable[[], Any], repeats: int = 5, min_time: float = 0.05) -> float:
-  """Median seconds per call of a jitted ``fn`` after one warm-up call."""
-  jax.block_until_ready(fn())
+def calls_per_sample(fn: Callable[[], Any], min_time: float = 0.05,
+                     block=jax.block_until_ready) -> int:
+  """Warms ``fn`` up, then doubles the calls per timing sample until one lasts min_time."""
+  block(fn())
   n = 1
-  while True:  # calls per sample, so a sample lasts at least min_time
+  while True:
     t0 = time.perf_counter()
     for _ in range(n):
-      jax.block_until_ready(fn())
-    if time.perf_counter() - t0 >= min_time or n >= 1024:
-      break
+      block(fn())
+    if time.perf_counter() - t0 >= min_time or n >= 4096:
+      return n
     n *= 2
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5, min_time: float = 0.05) -> float:
+  """Median seconds per call of a jitted ``fn`` after one warm-up call."""
+  n = calls_per_sample(fn, min_time)
   samples = []
   for _ in range(repeats):
     t0 = time.perf_counter()

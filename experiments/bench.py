@@ -29,7 +29,7 @@ import numpy as np
 import jaxrnn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import parse_config, results_dir, write_json  # noqa: E402
+from _common import calls_per_sample, parse_config, results_dir, write_json  # noqa: E402
 
 # (T, B, D, H, layers), and optional keyword options of bptt
 GRID = (
@@ -88,14 +88,21 @@ def measure_peak(n: int = 2048) -> float:
   return 2 * n ** 3 / min(samples) / 1e9
 
 
-def jax_methods(dims, opts) -> Dict[str, Tuple[Callable, Optional[int]]]:
-  """name -> (zero-argument call, XLA temp bytes)."""
-  T, B, D, H, L = dims
+def _data(dims, opts):
+  """float32 inputs [T, B, D] and targets ([B, D] many-to-one, else [T, B, D])."""
+  T, B, D, _, _ = dims
   rng = np.random.default_rng(0)
-  params = jaxrnn.init_params(jax.random.key(0), D, (H,) * L, D, dtype=jnp.float32)
   xs = jnp.asarray(rng.normal(size=(T, B, D)), jnp.float32)
   ys = jnp.asarray(rng.normal(size=(B, D) if opts.get("many_to_one") else (T, B, D)),
                    jnp.float32)
+  return xs, ys
+
+
+def jax_methods(dims, opts) -> Dict[str, Tuple[Callable, Optional[int]]]:
+  """name -> (zero-argument call, XLA temp bytes)."""
+  T, B, D, H, L = dims
+  params = jaxrnn.init_params(jax.random.key(0), D, (H,) * L, D, dtype=jnp.float32)
+  xs, ys = _data(dims, opts)
   out = {}
   opts = dict(opts)
   k = opts.pop("checkpoint_every", None)
@@ -133,10 +140,8 @@ def flax_method(dims, opts):
       return nn.Dense(D)(h)
 
   model = Model()
-  rng = np.random.default_rng(0)
-  xs = jnp.asarray(rng.normal(size=(T, B, D)), jnp.float32)
+  xs, ys = _data(dims, opts)
   many_to_one = opts.get("many_to_one", False)
-  ys = jnp.asarray(rng.normal(size=(B, D) if many_to_one else (T, B, D)), jnp.float32)
   variables = model.init(jax.random.key(0), xs)
 
   def loss(v):
@@ -182,18 +187,7 @@ def _block(x):
 
 def time_interleaved(methods: Dict[str, Callable], repeats: int, min_time: float):
   """Median seconds per call; every repeat times every method once, in turn."""
-  calls = {}
-  for name, f in methods.items():  # warm up and choose calls per sample
-    _block(f())
-    n = 1
-    while True:
-      t0 = time.perf_counter()
-      for _ in range(n):
-        _block(f())
-      if time.perf_counter() - t0 >= min_time or n >= 4096:
-        break
-      n *= 2
-    calls[name] = n
+  calls = {name: calls_per_sample(f, min_time, _block) for name, f in methods.items()}
   samples = {name: [] for name in methods}
   for _ in range(repeats):
     for name, f in methods.items():

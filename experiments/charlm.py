@@ -151,7 +151,7 @@ def run(cfg: Config, out=None):
       return tuple(s[-1] for s in hs), (jnp.sum(wc * nll), jnp.sum(wc))
     n = hx.shape[0] // cfg.tau_b
     split = lambda a: jnp.asarray(a[:n * cfg.tau_b]).reshape((n, cfg.tau_b) + a.shape[1:])
-    h0 = tuple(jnp.zeros((cfg.streams, cfg.hidden), dtype) for _ in range(1))
+    h0 = tuple(jnp.zeros((cfg.streams, l.b_h.shape[0]), dtype) for l in params.layers)
     _, (nll, count) = jax.lax.scan(body, h0, (split(hx), split(hy), split(hr),
                                               split(hw).astype(dtype)))
     return jnp.sum(nll) / jnp.sum(count) * LOG2E

@@ -8,8 +8,7 @@ from jaxrnn._src.params import LayerParams, Readout, RNNParams, init_params
 from jaxrnn._src.persist import load_latest as load_latest_checkpoint
 from jaxrnn._src.persist import save as save_checkpoint
 from jaxrnn._src.rnn import elman_step, forward, loss
-from jaxrnn._src.train import (FitResult, NonFiniteError, StepMetrics, fit, global_norm,
-                               make_train_step)
+from jaxrnn._src.train import FitResult, NonFiniteError, StepMetrics, fit, make_train_step
 from jaxrnn._src.stream import StreamState, TBPTTStream, make_tbptt_stream
 
 __version__ = "0.1.0"
@@ -30,7 +29,6 @@ __all__ = (
     "elman_step",
     "fit",
     "forward",
-    "global_norm",
     "init_params",
     "load_latest_checkpoint",
     "loss",

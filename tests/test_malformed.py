@@ -7,7 +7,6 @@ broken argument.
 """
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -9,7 +9,6 @@ is drawn freshly for every example. Examples with the same structure reuse
 the compiled functions, so hundreds of examples fit in the suite's budget.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import HealthCheck, given, settings

@@ -34,7 +34,7 @@ def test_clip_norm_bounds_the_update():
   step = jaxrnn.make_train_step(optax.sgd(1.0), clip_norm=1e-3)
   new, _, m = step(params, optax.sgd(1.0).init(params), xs, targets)
   assert float(m.grad_norm) > 1e-3
-  moved = jaxrnn.global_norm(jax.tree.map(jnp.subtract, new, params))
+  moved = optax.tree_utils.tree_norm(jax.tree.map(jnp.subtract, new, params))
   np.testing.assert_allclose(moved, 1e-3, rtol=1e-8)
 
 

@@ -44,11 +44,9 @@ def _truncated_loss(params, h0, inp: checks.Inputs, loss: str):
                 windows.start_states(h, h_0, win).reshape((C, B, -1))     # else constant
                 ).reshape((C * B, -1))
       for h, h_0 in zip(hs, h0))
-  hs_w = forward_layers(
-      params, windows.gather(inp.xs, win), starts,
-      windows.window_mask(inp.valid, win, B),
-      None if inp.reset is None else windows.gather(inp.reset, win),
-      tuple(windows.tile(h_r, C) for h_r in h_reset))
+  xs_w, valid_w, reset_w, h_reset_w = windows.window_inputs(
+      inp.xs, inp.valid, inp.reset, h_reset, win)
+  hs_w = forward_layers(params, xs_w, starts, valid_w, reset_w, h_reset_w)
   out = readout(params, hs_w[-1])
   targets = windows.gather(inp.targets, win)
   value = weighted_total(step_losses(out, targets, loss),
@@ -66,8 +64,7 @@ def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None
   windows are realised with ``jax.lax.stop_gradient`` on the state at each
   window's start (see :mod:`jaxrnn._src.windows`).
   """
-  checks.check_static_options(loss, many_to_one)
-  tau_max, tau_b = checks.canonical_truncation(xs, tau_max, tau_b)
+  tau_max, tau_b = checks.static_options(xs, loss, many_to_one, tau_max, tau_b)
   return _autodiff_bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                         tau_max=tau_max, tau_b=tau_b, lengths=lengths,
                         loss_weights=loss_weights, resets=resets, return_dh0=return_dh0)

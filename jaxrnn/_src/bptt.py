@@ -199,16 +199,13 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
     C = win.steps.shape[0]
     own_g = windows.gather(g, win) * windows.chunk_weights(
         jnp.ones((T, B), g.dtype), win)[:, :, None]
+    xs_w, valid_w, reset_w, h_reset_w = windows.window_inputs(
+        inp.xs, inp.valid, inp.reset, h_reset, win)
     back = backward_layers(
-        params,
-        windows.gather(inp.xs, win),
+        params, xs_w,
         tuple(windows.gather(h, win, pad=h_0) for h, h_0 in zip(hs, inp.h0)),
         tuple(windows.start_states(h, h_0, win) for h, h_0 in zip(hs, inp.h0)),
-        own_g,
-        windows.window_mask(inp.valid, win, B),
-        None if inp.reset is None else windows.gather(inp.reset, win),
-        tuple(windows.tile(h_r, C) for h_r in h_reset),
-        keep_deltas)
+        own_g, valid_w, reset_w, h_reset_w, keep_deltas)
     reaches_h0 = jnp.asarray(win.from_start)[:, None, None]  # [C, 1, 1]
     dh0 = []
     for s, r in zip(back.dh_start, back.dh_reset):
@@ -307,8 +304,7 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
     >>> xs = jnp.ones((20, 4, 3)); ys = jnp.zeros((20, 4, 2))
     >>> value, grads = jaxrnn.bptt(params, xs, ys, loss="mse")
   """
-  checks.check_static_options(loss, many_to_one)
-  tau_max, tau_b = checks.canonical_truncation(xs, tau_max, tau_b)
+  tau_max, tau_b = checks.static_options(xs, loss, many_to_one, tau_max, tau_b)
   checkpoint_every = checks.check_int_option("checkpoint_every", checkpoint_every)
   return _bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
@@ -326,8 +322,7 @@ def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=No
   Returns:
     A tuple of L arrays [T, B, H_l].
   """
-  checks.check_static_options(loss, many_to_one)
-  tau_max, tau_b = checks.canonical_truncation(xs, tau_max, tau_b)
+  tau_max, tau_b = checks.static_options(xs, loss, many_to_one, tau_max, tau_b)
   return _bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
                resets=resets, return_dh0=False, keep_deltas=True, checkpoint_every=None)

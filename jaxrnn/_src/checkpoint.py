@@ -15,7 +15,6 @@ the start states of all windows are recorded during one checkpointed forward
 pass, then a scan over chunks runs the checkpointed backward on each window.
 """
 
-from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from jax import lax
 from jaxrnn._src import checks, windows
 from jaxrnn._src.bptt import (ManualResult, _loss_and_output_grad, backward_layers,
                               readout_backward)
-from jaxrnn._src.params import LayerParams, RNNParams
+from jaxrnn._src.params import RNNParams
 from jaxrnn._src.rnn import forward_layers, readout
 
 

@@ -9,7 +9,7 @@ expected and what was given. Checks on *values* (for example that every
 """
 
 import numbers
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +121,13 @@ def check_truncation(tau_max, tau_b, T: int) -> Optional[Truncation]:
   if tau_max is None or tau_max >= T:
     return None
   return Truncation(tau_b=tau_max if tau_b is None else tau_b, window=tau_max)
+
+
+def static_options(xs, loss, many_to_one, tau_max=None, tau_b=None):
+  """Checks the static options of a public function before its jit boundary and
+  returns ``(tau_max, tau_b)`` in canonical form (see :func:`canonical_truncation`)."""
+  check_static_options(loss, many_to_one)
+  return canonical_truncation(xs, tau_max, tau_b)
 
 
 def canonical_truncation(xs, tau_max, tau_b):

@@ -17,7 +17,7 @@ state instead of ``h_{t-1}``.
 """
 
 import functools
-from typing import Optional, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,20 @@ def elman_step(layer: LayerParams, h: jax.Array, x: jax.Array, *,
   return h_new, h_new
 
 
+def masked_step(W_hh, f, h, xp_t, v_t=None, r_t=None, h_reset=None):
+  """``h_t`` from ``h_{t-1}`` and the projected input, with the optional masks.
+
+  Args:
+    W_hh: [H, H]. f: the activation. h: [N, H] h_{t-1}. xp_t: [N, H] x_t W_xh + b_h.
+    v_t, r_t: [N] bool or None (valid step, reset step). h_reset: [N, H].
+  """
+  h_in = h if r_t is None else jnp.where(r_t[:, None], h_reset, h)  # reset -> h0
+  h_new = f(xp_t + h_in @ W_hh)                                     # h_t = f(z_t)
+  if v_t is not None:
+    h_new = jnp.where(v_t[:, None], h_new, h)                       # padded: frozen
+  return h_new
+
+
 def scan_layer(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
   """Runs one layer over time from precomputed input projections.
 
@@ -64,11 +78,7 @@ def scan_layer(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
     hs: [T, N, H], the state after every step.
   """
   def step(h, inp):
-    xp_t, v_t, r_t = inp
-    h_in = h if r_t is None else jnp.where(r_t[:, None], h_reset, h)  # reset -> h0
-    h_new = f(xp_t + h_in @ W_hh)                                     # h_t = f(z_t)
-    if v_t is not None:
-      h_new = jnp.where(v_t[:, None], h_new, h)                       # padded: frozen
+    h_new = masked_step(W_hh, f, h, *inp, h_reset)
     return h_new, h_new
 
   _, hs = lax.scan(step, h_start, (xproj, valid, reset))
@@ -83,17 +93,11 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
   halves the forward pass's memory. For the hand-written pass only: autodiff
   through a loop that carries a [T, N, H] buffer would store it at every step.
   """
+  at = lambda a, t: None if a is None else lax.dynamic_index_in_dim(a, t, keepdims=False)
+
   def body(t, carry):
     h, buf = carry
-    xp_t = lax.dynamic_index_in_dim(buf, t, keepdims=False)
-    h_in = h
-    if reset is not None:
-      r_t = lax.dynamic_index_in_dim(reset, t, keepdims=False)
-      h_in = jnp.where(r_t[:, None], h_reset, h)                      # reset -> h0
-    h_new = f(xp_t + h_in @ W_hh)                                     # h_t = f(z_t)
-    if valid is not None:
-      v_t = lax.dynamic_index_in_dim(valid, t, keepdims=False)
-      h_new = jnp.where(v_t[:, None], h_new, h)                       # padded: frozen
+    h_new = masked_step(W_hh, f, h, at(buf, t), at(valid, t), at(reset, t), h_reset)
     return h_new, lax.dynamic_update_index_in_dim(buf, h_new, t, 0)   # xproj[t] <- h_t
 
   return lax.fori_loop(0, xproj.shape[0], body, (h_start, xproj))[1]
@@ -137,12 +141,6 @@ def step_losses(out, targets, loss: str):
 def weighted_total(terms, weights, batch: int):
   """Σ_t Σ_b w_tb ℓ_tb / B."""
   return jnp.sum(weights * terms) / batch
-
-
-_FORWARD_DOC_SHAPES = """
-  Shapes: T time steps, B sequences, D inputs, H_l units in layer l, L layers,
-  O outputs.
-"""
 
 
 @functools.partial(jax.jit, static_argnames=())

@@ -13,16 +13,11 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from jaxrnn._src import checks
+from jaxrnn._src import checks, persist
 from jaxrnn._src.autodiff import autodiff_bptt
 from jaxrnn._src.bptt import bptt
 
 GRAD_METHODS = {"manual": bptt, "autodiff": autodiff_bptt}
-
-
-def global_norm(tree) -> jax.Array:
-  """sqrt(Σ ‖leaf‖²) over every leaf of a pytree."""
-  return jnp.sqrt(sum(jnp.vdot(x, x).real for x in jax.tree.leaves(tree)))
 
 
 class StepMetrics(NamedTuple):
@@ -77,7 +72,7 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
                            tau_max=tau_max, tau_b=tau_b, lengths=lengths,
                            loss_weights=loss_weights, resets=resets)
     with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
-      grad_norm = global_norm(grads)
+      grad_norm = optax.tree_utils.tree_norm(grads)
       if clip is not None:
         grads, _ = clip.update(grads, optax.EmptyState())
       updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -127,7 +122,6 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
   Returns:
     ``FitResult(params, opt_state, history, skipped)``.
   """
-  from jaxrnn._src import persist
   history = {"step": [], "loss": [], "grad_norm": []}
   skipped = consecutive = start = 0
   if checkpoint_dir is not None and resume:

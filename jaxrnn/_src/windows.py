@@ -94,3 +94,16 @@ def tile(x, C: int):
 def sum_chunks(x, C: int):
   """``[C * B, ...] -> [B, ...]``."""
   return x.reshape((C, -1) + x.shape[1:]).sum(0)
+
+
+def window_inputs(xs, valid, reset, h_reset, win: Windows):
+  """The inputs of every chunk's window, folded into the batch: what both the
+  manual and the autodiff truncated paths run on.
+
+  Returns ``(xs [W, C·B, D], valid [W, C·B] or None, reset [W, C·B] or None,
+  h_reset: tuple of [C·B, H_l])``.
+  """
+  B, C = xs.shape[1], win.steps.shape[0]
+  return (gather(xs, win), window_mask(valid, win, B),
+          None if reset is None else gather(reset, win),
+          tuple(tile(h, C) for h in h_reset))
