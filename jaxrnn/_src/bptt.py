@@ -39,20 +39,28 @@ class _Backward(NamedTuple):
   deltas: Tuple[Optional[jax.Array], ...]    # [T, N, H_l] δh for every step (or None)
 
 
-def _reverse_scan(W_hh, fprime, hs, g, valid, reset, keep_deltas, dh_end=None):
+def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=None):
   """Delta recursion through time for one layer, a reverse loop carrying only δ.
+
+  Everything is one step "shifted": slot t-1 of ``g`` holds ∂ℓ/∂h_t, and the
+  loop overwrites it in place with δz_t. On return ``Z[s] = δz_{s+1}`` lines
+  up with ``h_s``, so the recurrent gradient ``Σ_t h_{t-1}ᵀ δz_t`` is ``hsᵀ Z``,
+  one matrix product with no shifted copies of [T, N, H] arrays. Step 0 is
+  peeled off the loop.
 
   Args:
     W_hh: [H, H]. fprime: f'(z) as a function of h (None: f' = 1).
-    hs: [T, N, H] states h_t. g: [T, N, H] ∂L/∂h_t from outside this layer's
-    recurrence (readout or the layer above); step t overwrites g[t] with
-    δz_t, so the input and output share one buffer (updated in place).
-    valid/reset: [T, N] bool or None. dh_end: [N, H] T-delta arriving from
-    the step after the last (None: zero), for segment-by-segment backward passes.
+    hs: [T, N, H] states h_t. valid/reset: [T, N] bool or None.
+    g: [T, N, H], ``g[t-1] = ∂L/∂h_t`` from outside this layer's recurrence
+      (readout or the layer above) for t ≥ 1, and ``g[T-1] = 0``.
+    g0: [N, H] the same for step 0.
+    dh_end: [N, H] T-delta arriving from the step after the last (None:
+      zero), for segment-by-segment backward passes.
 
   Returns:
-    dz [T, N, H]; δ for the state before step 0 [N, H]; ∂L/∂h0 through
-    resets [N, H] (or None); δh [T, N, H] (or None).
+    Z [T, N, H] (``Z[t-1] = δz_t``, ``Z[T-1] = 0``; the buffer of ``g``);
+    δz_0 [N, H]; δ for the state before step 0 [N, H]; ∂L/∂h0 through resets
+    [N, H] (or None); δh [T, N, H] (or None).
   """
   W_hh_T = W_hh.T
   T = hs.shape[0]
@@ -66,10 +74,8 @@ def _reverse_scan(W_hh, fprime, hs, g, valid, reset, keep_deltas, dh_end=None):
   store = lambda a, x, t: lax.dynamic_update_index_in_dim(a, x, t, 0)
   hs_, valid_, reset_ = flat(hs), flat(valid), flat(reset)
 
-  def body(i, carry):
-    dh_next, dh_reset, buf, deltas = carry
-    t = T - 1 - i
-    dh = at(buf, t) + dh_next                      # δh_t = ∂ℓ/∂h_t + T-delta from t+1
+  def delta(t, g_t, dh_next, dh_reset, deltas):
+    dh = g_t + dh_next                             # δh_t = ∂ℓ/∂h_t + T-delta from t+1
     dz = dh if fprime is None else dh * fprime(at(hs_, t))  # δz_t = δh_t ⊙ f'(z_t)
     if valid is not None:
       v_t = col(at(valid_, t))
@@ -83,28 +89,36 @@ def _reverse_scan(W_hh, fprime, hs, g, valid, reset, keep_deltas, dh_end=None):
       d_prev = jnp.where(v_t, d_prev, dh)          # frozen step: h_t = h_{t-1}
     if keep_deltas:
       deltas = store(deltas, dh, t)
-    return d_prev, dh_reset, store(buf, dz, t), deltas   # g[t] <- δz_t, in place
+    return dz, d_prev, dh_reset, deltas
 
-  zeros = jnp.zeros(hs_.shape[1:], hs.dtype)
+  def body(i, carry):
+    dh_next, dh_reset, buf, deltas = carry
+    t = T - 1 - i
+    dz, d_prev, dh_reset, deltas = delta(t, at(buf, t - 1), dh_next, dh_reset, deltas)
+    return d_prev, dh_reset, store(buf, dz, t - 1), deltas   # slot t-1: ∂ℓ/∂h_t -> δz_t
+
+  zeros = jnp.zeros(flat(g).shape[1:], g.dtype)
   init = (zeros if dh_end is None else flat(dh_end[None])[0], None if reset is None else zeros,
-          flat(g),
-          jnp.zeros_like(flat(g)) if keep_deltas else None)
-  d_start, dh_reset, dz, deltas = lax.fori_loop(0, T, body, init)
+          flat(g), jnp.zeros_like(flat(g)) if keep_deltas else None)
+  dh_next, dh_reset, Z, deltas = lax.fori_loop(0, T - 1, body, init)
+  dz0, d_start, dh_reset, deltas = delta(0, flat(g0[None])[0], dh_next, dh_reset, deltas)
   if squeeze:
-    d_start, dz = d_start[None], dz[:, None]
+    Z, dz0, d_start = Z[:, None], dz0[None], d_start[None]
     dh_reset = None if dh_reset is None else dh_reset[None]
     deltas = None if deltas is None else deltas[:, None]
-  return dz, d_start, dh_reset, deltas
+  return Z, dz0, d_start, dh_reset, deltas
 
 
-def backward_layers(params, xs, hs, h_start, g, valid=None, reset=None, h_reset=None,
+def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_reset=None,
                     keep_deltas=False, dh_end=None) -> _Backward:
-  """Backpropagates ``g`` = ∂L/∂h^L through all layers and steps (top layer first).
+  """Backpropagates ∂L/∂h^L through all layers and steps (top layer first).
 
   Args:
     params: RNNParams. xs: [T, N, D] inputs. hs: tuple of [T, N, H_l] states
     from the forward pass. h_start: tuple of [N, H_l] states before step 0.
-    g: [T, N, H_L]. valid/reset: [T, N] bool or None. h_reset: tuple of
+    g, g0: ∂L/∂h^L, shifted as :func:`_reverse_scan` takes it ([T, N, H_L]
+    with ``g[t-1]`` for step t, and [N, H_L] for step 0; see
+    :func:`readout_backward`). valid/reset: [T, N] bool or None. h_reset: tuple of
     [N, H_l], the states resets restore. dh_end: None or a tuple of [N, H_l]
     T-deltas arriving from after the last step (checkpointed segments).
   """
@@ -113,18 +127,32 @@ def backward_layers(params, xs, hs, h_start, g, valid=None, reset=None, h_reset=
   grads, d_start, d_reset, deltas = [None] * L, [None] * L, [None] * L, [None] * L
   for l in reversed(range(L)):
     layer = params.layers[l]
-    dz, d_start[l], d_reset[l], deltas[l] = _reverse_scan(
-        layer.W_hh, fprime, hs[l], g, valid, reset, keep_deltas,
+    # Z[t-1] = δz_t, dz0 = δz_0
+    Z, dz0, d_start[l], d_reset[l], deltas[l] = _reverse_scan(
+        layer.W_hh, fprime, hs[l], g, g0, valid, reset, keep_deltas,
         None if dh_end is None else dh_end[l])
     h_below = xs if l == 0 else hs[l - 1]
     grads[l] = LayerParams(
-        W_xh=_sum_outer(h_below, dz),                  # ΔW_xh = Σ_t h^{l-1}_tᵀ δz_t
-        W_hh=_recurrent_grad(hs[l], h_start[l], dz, reset,
+        W_xh=_sum_outer(_next_steps(h_below, after=Z), Z) + h_below[0].T @ dz0,  # Σ_t h^{l-1}_tᵀ δz_t
+        W_hh=_recurrent_grad(hs[l], h_start[l], Z, dz0, reset,
                              None if reset is None else h_reset[l]),  # Σ_t h^l_{t-1}ᵀ δz_t
-        b_h=dz.sum((0, 1)))                            # Δb_h  = Σ_t δz_t
-    if l > 0:
-      g = jnp.einsum("tnh,dh->tnd", dz, layer.W_xh)    # S-delta to layer l-1: δz_t W_xhᵀ
+        b_h=Z.sum((0, 1)) + dz0.sum(0))                # Δb_h  = Σ_t δz_t
+    if l > 0:   # S-delta to layer l-1, δz_t W_xhᵀ, shifted like Z
+      g, g0 = jnp.einsum("tnh,dh->tnd", Z, layer.W_xh), dz0 @ layer.W_xh.T
   return _Backward(tuple(grads), tuple(d_start), tuple(d_reset), tuple(deltas))
+
+
+def _next_steps(a, after=None):
+  """``[T, ...] -> [T, ...]``: ``a[s + 1]`` at position s, zero at T-1 (the shifted layout).
+
+  ``after``: an output Z of :func:`_reverse_scan`, whose last slot is exactly
+  zero; taking the zero pad from it makes the copy wait for the scan, so that
+  XLA does not schedule it first and keep it alive (in memory) all along.
+  """
+  pad = jnp.zeros_like(a[:1])
+  if after is not None:
+    pad = jnp.broadcast_to(after[-1:, :, :1], pad.shape).astype(a.dtype)
+  return jnp.concatenate([a[1:], pad], axis=0)
 
 
 def _sum_outer(a, b):
@@ -132,18 +160,18 @@ def _sum_outer(a, b):
   return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
 
-def _recurrent_grad(hs, h_start, dz, reset, h_reset):
-  """``ΔW_hh = Σ_t h_{t-1}ᵀ δz_t`` without materialising the shifted states.
+def _recurrent_grad(hs, h_start, Z, dz0, reset, h_reset):
+  """``ΔW_hh = Σ_t h_{t-1}ᵀ δz_t = hsᵀ Z + h_startᵀ δz_0``, with ``Z[t-1] = δz_t``.
 
-  Split as ``Σ_{t≥1} h_{t-1}ᵀ δz_t + h_startᵀ δz_0``; a step that was reset
-  read ``h_reset`` instead of ``h_{t-1}``, which is corrected for by masking.
+  A step that was reset read ``h_reset`` instead of ``h_{t-1}``, which is
+  corrected for by masking.
   """
   if reset is None:
-    return _sum_outer(hs[:-1], dz[1:]) + h_start.T @ dz[0]
-  r = reset[:, :, None]
-  dz_kept = jnp.where(r, 0, dz)                     # steps that read h_{t-1}
-  dz_reset = jnp.where(r, dz, 0).sum(0)            # steps that read h_reset: [N, H]
-  return (_sum_outer(hs[:-1], dz_kept[1:]) + h_start.T @ dz_kept[0]
+    return _sum_outer(hs, Z) + h_start.T @ dz0
+  r = jnp.concatenate([reset[1:], jnp.zeros_like(reset[:1])], axis=0)[:, :, None]  # lines up with Z
+  r0 = reset[0][:, None]
+  dz_reset = jnp.where(r, Z, 0).sum(0) + jnp.where(r0, dz0, 0)   # steps that read h_reset
+  return (_sum_outer(hs, jnp.where(r, 0, Z)) + h_start.T @ jnp.where(r0, 0, dz0)
           + h_reset.T @ dz_reset)
 
 
@@ -159,13 +187,24 @@ def _loss_and_output_grad(out, targets, weights, loss, batch):
   return value, d_out
 
 
-def readout_backward(params, h_top, d_out):
-  """``(∂L/∂h^L [T, N, H_L], readout gradients)`` from ``δo = ∂L/∂o`` [T, N, O]."""
+def readout_backward(params, h_top, d_out, shifted=True):
+  """∂L/∂h^L and the readout gradients from ``δo = ∂L/∂o`` [T, N, O].
+
+  Returns ``(g, g0, readout grads)``. ``shifted``: the layout
+  :func:`_reverse_scan` takes, ``g[t-1] = ∂L/∂h^L_t`` [T, N, H_L] with
+  ``g[T-1] = 0`` and ``g0 = ∂L/∂h^L_0`` [N, H_L]; shifting δo costs one
+  [T, N, O] copy instead of one of a [T, N, H] array. Otherwise ``g[t]`` is
+  step t's and ``g0`` is None.
+  """
+  d_in = _next_steps(d_out) if shifted else d_out
+  d0 = d_out[0] if shifted else None
   if params.readout is None:
-    return d_out, None
+    return d_in, d0, None
+  W_hy = params.readout.W_hy
   d_readout = Readout(W_hy=_sum_outer(h_top, d_out),                   # ΔW_hy = Σ_t h^Lᵀ δo
                       b_y=d_out.sum((0, 1)))                             # Δb_y = Σ_t δo
-  return jnp.einsum("tbo,ho->tbh", d_out, params.readout.W_hy), d_readout  # δo W_hyᵀ
+  return (jnp.einsum("tbo,ho->tbh", d_in, W_hy),                          # δo W_hyᵀ
+          None if d0 is None else d0 @ W_hy.T, d_readout)
 
 
 class ManualResult(NamedTuple):
@@ -184,10 +223,11 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
   hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, h_reset, inplace=True)
   out = readout(params, hs[-1])
   value, d_out = _loss_and_output_grad(out, inp.targets, inp.weights, loss, B)
-  g, d_readout = readout_backward(params, hs[-1], d_out)
+  truncated = inp.truncation is not None
+  g, g0, d_readout = readout_backward(params, hs[-1], d_out, shifted=not truncated)
 
-  if inp.truncation is None:
-    back = backward_layers(params, inp.xs, hs, inp.h0, g, inp.valid, inp.reset, h_reset,
+  if not truncated:
+    back = backward_layers(params, inp.xs, hs, inp.h0, g, g0, inp.valid, inp.reset, h_reset,
                            keep_deltas)
     dh0 = tuple(s if r is None or not resets_reach_h0 else s + r
                 for s, r in zip(back.dh_start, back.dh_reset))
@@ -197,15 +237,16 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
     # windows are stacked along the batch axis and share one reverse scan.
     win = windows.make_windows(T, inp.truncation)
     C = win.steps.shape[0]
-    own_g = windows.gather(g, win) * windows.chunk_weights(
-        jnp.ones((T, B), g.dtype), win)[:, :, None]
+    own = windows.chunk_weights(jnp.ones((T, B), g.dtype), win)[:, :, None]  # [W, C·B, 1]
+    own_g = windows.gather(g, win, shift=True) * _next_steps(own)   # shifted, per window
+    own_g0 = windows.first(g, win) * own[0]
     xs_w, valid_w, reset_w, h_reset_w = windows.window_inputs(
         inp.xs, inp.valid, inp.reset, h_reset, win)
     back = backward_layers(
         params, xs_w,
         tuple(windows.gather(h, win, pad=h_0) for h, h_0 in zip(hs, inp.h0)),
         tuple(windows.start_states(h, h_0, win) for h, h_0 in zip(hs, inp.h0)),
-        own_g, valid_w, reset_w, h_reset_w, keep_deltas)
+        own_g, own_g0, valid_w, reset_w, h_reset_w, keep_deltas)
     reaches_h0 = jnp.asarray(win.from_start)[:, None, None]  # [C, 1, 1]
     dh0 = []
     for s, r in zip(back.dh_start, back.dh_reset):

@@ -78,8 +78,8 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
     x, v, r, y, w, h0_seg = inp
     hs = forward_layers(params, x, h0_seg, v, r, h_reset, inplace=True)   # recompute
     value, d_out = _loss_and_output_grad(readout(params, hs[-1]), y, w, loss, batch)
-    g, d_ro = readout_backward(params, hs[-1], d_out)
-    back = backward_layers(params, x, hs, h0_seg, g, v, r, h_reset, dh_end=dh_next)
+    g, g0, d_ro = readout_backward(params, hs[-1], d_out)
+    back = backward_layers(params, x, hs, h0_seg, g, g0, v, r, h_reset, dh_end=dh_next)
     if reset is not None:
       d_reset = _add(d_reset, back.dh_reset)
     return (back.dh_start, _add(g_layers, back.layers),

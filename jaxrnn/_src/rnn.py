@@ -85,27 +85,32 @@ def scan_layer(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
   return hs
 
 
-def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
+def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None,
+                       b_h=None):
   """:func:`scan_layer` that overwrites its input: step t replaces ``xproj[t]`` by ``h_t``.
 
   Same values as :func:`scan_layer`, but the projections and the states share
   one [T, N, H] buffer (a while loop updates its carried buffer in place), which
   halves the forward pass's memory. For the hand-written pass only: autodiff
   through a loop that carries a [T, N, H] buffer would store it at every step.
+  ``b_h`` [H], if given, is added inside the step (``xproj`` then holds
+  ``h^{l-1}_t W_xh`` only), which saves a pass over the [T, N, H] buffer.
   """
   at = lambda a, t: None if a is None else lax.dynamic_index_in_dim(a, t, keepdims=False)
 
   def body(t, carry):
     h, buf = carry
-    h_new = masked_step(W_hh, f, h, at(buf, t), at(valid, t), at(reset, t), h_reset)
+    xp_t = at(buf, t) if b_h is None else at(buf, t) + b_h[None, :]
+    h_new = masked_step(W_hh, f, h, xp_t, at(valid, t), at(reset, t), h_reset)
     return h_new, lax.dynamic_update_index_in_dim(buf, h_new, t, 0)   # xproj[t] <- h_t
 
   return lax.fori_loop(0, xproj.shape[0], body, (h_start, xproj))[1]
 
 
-def project(inp, layer: LayerParams):
-  """``[T, N, D] -> [T, N, H]``: input projection for all steps at once."""
-  return jnp.einsum("tnd,dh->tnh", inp, layer.W_xh) + layer.b_h[None, None, :]
+def project(inp, layer: LayerParams, bias: bool = True):
+  """``[T, N, D] -> [T, N, H]``: input projection for all steps at once (``+ b_h`` if ``bias``)."""
+  xp = jnp.einsum("tnd,dh->tnh", inp, layer.W_xh)
+  return xp + layer.b_h[None, None, :] if bias else xp
 
 
 def forward_layers(params, xs, h_start, valid=None, reset=None, h_reset=None, inplace=False):
@@ -114,11 +119,14 @@ def forward_layers(params, xs, h_start, valid=None, reset=None, h_reset=None, in
   ``inplace=True`` uses :func:`scan_layer_inplace` (for the hand-written pass).
   """
   f = get_activation(params.activation).fn
-  scan = scan_layer_inplace if inplace else scan_layer
   hs, inp = [], xs
   for l, layer in enumerate(params.layers):
-    inp = scan(layer.W_hh, f, project(inp, layer), h_start[l], valid, reset,
-               None if h_reset is None else h_reset[l])
+    h_r = None if h_reset is None else h_reset[l]
+    if inplace:   # the bias is added inside the loop
+      inp = scan_layer_inplace(layer.W_hh, f, project(inp, layer, bias=False), h_start[l],
+                               valid, reset, h_r, layer.b_h)
+    else:
+      inp = scan_layer(layer.W_hh, f, project(inp, layer), h_start[l], valid, reset, h_r)
     hs.append(inp)
   return tuple(hs)
 

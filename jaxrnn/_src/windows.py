@@ -46,17 +46,31 @@ def make_windows(T: int, trunc: Truncation) -> Windows:
   return Windows(steps, in_chunk, from_start, bool((steps < 0).any()))
 
 
-def gather(a, win: Windows, pad=None):
+def _extended(a, pad):
+  """``[T, B, ...] -> [T + 1, B, ...]``: index t + 1 holds step t, index 0 holds ``pad``."""
+  if pad is None:
+    pad = jnp.zeros(a.shape[1:], a.dtype)
+  return jnp.concatenate([pad[None], a], axis=0)
+
+
+def gather(a, win: Windows, pad=None, shift=False):
   """``[T, B, ...] -> [W, C * B, ...]``: the window of every chunk, chunks folded into the batch.
 
   Positions before step 0 take the value ``pad`` ([B, ...]) or zeros.
+  ``shift``: position s holds window position s + 1, and the last one zeros
+  (the layout of the hand-written reverse scan's input).
   """
-  if pad is None:
-    pad = jnp.zeros(a.shape[1:], a.dtype)
-  ext = jnp.concatenate([pad[None], a], axis=0)          # index t + 1 holds step t
   idx = np.maximum(win.steps + 1, 0).T                   # [W, C]
-  out = ext[idx]                                         # [W, C, B, ...]
+  if shift:
+    idx = np.concatenate([idx[1:], np.zeros_like(idx[:1])])
+  out = _extended(a, None if shift else pad)[idx]        # [W, C, B, ...]
   return out.reshape((out.shape[0], -1) + a.shape[2:])
+
+
+def first(a, win: Windows):
+  """``[T, B, ...] -> [C * B, ...]``: the first position of every chunk's window (zeros if padded)."""
+  out = _extended(a, None)[np.maximum(win.steps[:, 0] + 1, 0)]
+  return out.reshape((-1,) + a.shape[2:])
 
 
 def start_states(hs, h0, win: Windows):
