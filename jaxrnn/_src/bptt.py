@@ -64,14 +64,15 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
   """
   W_hh_T = W_hh.T
   T = hs.shape[0]
-  at = lambda a, t: lax.dynamic_index_in_dim(a, t, keepdims=False)
+  # loop indices are never negative: no index normalisation in the loop body
+  at = lambda a, t: lax.dynamic_index_in_dim(a, t, keepdims=False, allow_negative_indices=False)
   # With N = 1, XLA copies a [T, 1, H] loop buffer at every step instead of
   # updating it in place (measured: 20x slower), so the single sequence runs
   # on [T, H] buffers and [H] vectors.
   squeeze = hs.shape[1] == 1
   flat = (lambda a: None if a is None else a[:, 0]) if squeeze else (lambda a: a)
   col = (lambda m: m) if squeeze else (lambda m: m[:, None])   # a mask against [.., H]
-  store = lambda a, x, t: lax.dynamic_update_index_in_dim(a, x, t, 0)
+  store = lambda a, x, t: lax.dynamic_update_index_in_dim(a, x, t, 0, allow_negative_indices=False)
   hs_, valid_, reset_ = flat(hs), flat(valid), flat(reset)
 
   def delta(t, g_t, dh_next, dh_reset, deltas):

@@ -96,13 +96,15 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
   ``b_h`` [H], if given, is added inside the step (``xproj`` then holds
   ``h^{l-1}_t W_xh`` only), which saves a pass over the [T, N, H] buffer.
   """
-  at = lambda a, t: None if a is None else lax.dynamic_index_in_dim(a, t, keepdims=False)
+  at = lambda a, t: None if a is None else lax.dynamic_index_in_dim(
+      a, t, keepdims=False, allow_negative_indices=False)   # t >= 0: no index normalisation
 
   def body(t, carry):
     h, buf = carry
     xp_t = at(buf, t) if b_h is None else at(buf, t) + b_h[None, :]
     h_new = masked_step(W_hh, f, h, xp_t, at(valid, t), at(reset, t), h_reset)
-    return h_new, lax.dynamic_update_index_in_dim(buf, h_new, t, 0)   # xproj[t] <- h_t
+    return h_new, lax.dynamic_update_index_in_dim(buf, h_new, t, 0,   # xproj[t] <- h_t
+                                                  allow_negative_indices=False)
 
   return lax.fori_loop(0, xproj.shape[0], body, (h_start, xproj))[1]
 
