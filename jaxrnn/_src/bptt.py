@@ -12,10 +12,16 @@ Delta recursion (row vectors; ``δh`` is the total derivative ∂L/∂h)::
     ΔW_xh^l = Σ_t h^{l-1}_tᵀ δz^l_t     ΔW_hh^l = Σ_t h^l_{t-1}ᵀ δz^l_t
     Δb_h^l  = Σ_t δz^l_t                ∂L/∂h^l_{-1} = δz^l_0 W_hh^lᵀ
 
-The stack is differentiated layer by layer, top first: one reverse
-``lax.scan`` per layer carries only the T-delta, and everything that does
-not recur (weight gradients, S-deltas) is one matrix product over all steps
-after the scan.
+The stack is differentiated layer by layer, top first: one reverse loop per
+layer carries only the T-delta, and everything that does not recur (weight
+gradients, S-deltas) is one matrix product over all steps after the loop.
+
+Memory layout: the loop overwrites its incoming gradient in place, one slot
+early (slot t-1 holds ∂ℓ/∂h_t on the way in and δz_t on the way out), so the
+result ``Z[s] = δz_{s+1}`` lines up with the stored states ``h_s`` and
+``ΔW_hh = Σ_t h_{t-1}ᵀ δz_t = hsᵀ Z`` needs no shifted copy of a [T, B, H]
+array. The price is one shifted copy of the layer's input for ΔW_xh
+([T, B, D] at layer 1) and of δo for the readout ([T, B, O]).
 """
 
 import functools
