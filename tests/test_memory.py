@@ -1,0 +1,49 @@
+"""XLA temporary memory of the hand-written pass, read from the compiled call.
+
+Deterministic (no timing): what the compiler allocates. The hand-written
+pass keeps two [T, B, H] arrays per layer (states, and the gradient buffer
+the reverse loop overwrites); autodiff keeps several more. A regression
+such as a shifted copy of a [T, B, H] array shows up here.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxrnn
+
+
+def _temp_bytes(fn, params, xs, ys, **kw):
+  f = jax.jit(lambda p, x, y: fn(p, x, y, **kw))
+  return f.lower(params, xs, ys).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("dims,kw", [
+    ((50, 4, 8, 32, 1), {}),
+    ((40, 4, 8, 24, 2), {}),
+    ((10, 4, 8, 32, 1), {}),
+    ((60, 4, 8, 32, 1), dict(tau_max=10)),
+    ((50, 1, 8, 32, 1), dict(many_to_one=True)),
+])
+def test_half_of_autodiff(dims, kw):
+  """bptt needs at most half of autodiff_bptt's temporary memory (issue 6's target).
+
+  From T ≈ 5 on: below that, fixed costs such as the transposed W_hh (and
+  autodiff's unrolled single step) dominate both.
+  """
+  T, B, D, H, L = dims
+  params = jaxrnn.init_params(jax.random.key(0), D, (H,) * L, D, dtype=jnp.float32)
+  xs = jnp.ones((T, B, D), jnp.float32)
+  ys = jnp.ones((B, D) if kw.get("many_to_one") else (T, B, D), jnp.float32)
+  manual = _temp_bytes(jaxrnn.bptt, params, xs, ys, **kw)
+  auto = _temp_bytes(jaxrnn.autodiff_bptt, params, xs, ys, **kw)
+  assert manual <= 0.5 * auto, (manual, auto)
+
+
+def test_checkpointing_at_long_sequences():
+  """T = 10000: at most 10% of full storage's XLA temporary memory (time: see the benchmark)."""
+  params = jaxrnn.init_params(jax.random.key(0), 8, (32,), 8, dtype=jnp.float32)
+  xs = jnp.ones((10_000, 8, 8), jnp.float32)
+  full = _temp_bytes(jaxrnn.bptt, params, xs, xs)
+  kept = _temp_bytes(jaxrnn.bptt, params, xs, xs, checkpoint_every=100)
+  assert kept <= 0.1 * full, (kept, full)
