@@ -175,7 +175,7 @@ def _recurrent_grad(hs, h_start, Z, dz0, reset, h_reset):
   """
   if reset is None:
     return _sum_outer(hs, Z) + h_start.T @ dz0
-  r = jnp.concatenate([reset[1:], jnp.zeros_like(reset[:1])], axis=0)[:, :, None]  # lines up with Z
+  r = _next_steps(reset)[:, :, None]                 # reset of step s + 1: lines up with Z
   r0 = reset[0][:, None]
   dz_reset = jnp.where(r, Z, 0).sum(0) + jnp.where(r0, dz0, 0)   # steps that read h_reset
   return (_sum_outer(hs, jnp.where(r, 0, Z)) + h_start.T @ jnp.where(r0, 0, dz0)

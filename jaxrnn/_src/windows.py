@@ -58,12 +58,13 @@ def gather(a, win: Windows, pad=None, shift=False):
 
   Positions before step 0 take the value ``pad`` ([B, ...]) or zeros.
   ``shift``: position s holds window position s + 1, and the last one zeros
-  (the layout of the hand-written reverse scan's input).
+  (the layout of the hand-written reverse scan's input); padding is zeros.
   """
+  assert not (shift and pad is not None), "a shifted gather pads with zeros"
   idx = np.maximum(win.steps + 1, 0).T                   # [W, C]
   if shift:
     idx = np.concatenate([idx[1:], np.zeros_like(idx[:1])])
-  out = _extended(a, None if shift else pad)[idx]        # [W, C, B, ...]
+  out = _extended(a, pad)[idx]                           # [W, C, B, ...]
   return out.reshape((out.shape[0], -1) + a.shape[2:])
 
 
@@ -75,9 +76,8 @@ def first(a, win: Windows):
 
 def start_states(hs, h0, win: Windows):
   """``[C * B, H]`` state before each window: ``h_{s_c - 1}`` (or h0 from step 0)."""
-  ext = jnp.concatenate([h0[None], hs], axis=0)
   idx = np.maximum(win.steps[:, 0], 0)                   # s_c - 1 + 1, clamped to h0
-  return ext[idx].reshape((-1,) + hs.shape[2:])
+  return _extended(hs, h0)[idx].reshape((-1,) + hs.shape[2:])
 
 
 def window_mask(valid, win: Windows, B: int):
