@@ -14,6 +14,7 @@ and ``pip install torch``): a missing peer is reported as skipped.
 """
 
 import dataclasses
+import importlib
 import math
 import os
 import platform
@@ -131,13 +132,19 @@ class NotInstalled(Exception):
   pass
 
 
-def flax_method(dims, opts):
-  """None where Flax has nothing to compare with (truncated BPTT)."""
+def _peer(module: str, opts):
+  """The peer library's module, or None where it has nothing to compare with
+  (truncated BPTT, checkpointing). Raises NotInstalled if it is missing."""
   try:
-    import flax.linen as nn
+    mod = importlib.import_module(module)
   except ImportError as e:
     raise NotInstalled from e
-  if opts.get("tau_max") or opts.get("checkpoint_every"):
+  return None if opts.get("tau_max") or opts.get("checkpoint_every") else mod
+
+
+def flax_method(dims, opts):
+  nn = _peer("flax.linen", opts)
+  if nn is None:
     return None
   T, B, D, H, L = dims
 
@@ -164,11 +171,8 @@ def flax_method(dims, opts):
 
 
 def torch_method(dims, opts):
-  try:
-    import torch
-  except ImportError as e:
-    raise NotInstalled from e
-  if opts.get("tau_max") or opts.get("checkpoint_every"):
+  torch = _peer("torch", opts)
+  if torch is None:
     return None
   T, B, D, H, L = dims
   torch.set_num_threads(os.cpu_count() or 1)

@@ -1,6 +1,5 @@
 """Memory-efficient mode: checkpoint_every=k gives the same gradients (memory: test_memory.py)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -35,7 +35,8 @@ from jax import lax
 from jaxrnn._src import checks, windows
 from jaxrnn._src.activations import get_activation
 from jaxrnn._src.params import LayerParams, Readout, RNNParams
-from jaxrnn._src.rnn import forward_layers, readout, step_losses, weighted_total
+from jaxrnn._src.rnn import (at_step, forward_layers, readout, set_step, step_losses,
+                             weighted_total)
 
 
 class _Backward(NamedTuple):
@@ -70,39 +71,36 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
   """
   W_hh_T = W_hh.T
   T = hs.shape[0]
-  # loop indices are never negative: no index normalisation in the loop body
-  at = lambda a, t: lax.dynamic_index_in_dim(a, t, keepdims=False, allow_negative_indices=False)
   # With N = 1, XLA copies a [T, 1, H] loop buffer at every step instead of
   # updating it in place (measured: 20x slower), so the single sequence runs
   # on [T, H] buffers and [H] vectors.
   squeeze = hs.shape[1] == 1
   flat = (lambda a: None if a is None else a[:, 0]) if squeeze else (lambda a: a)
   col = (lambda m: m) if squeeze else (lambda m: m[:, None])   # a mask against [.., H]
-  store = lambda a, x, t: lax.dynamic_update_index_in_dim(a, x, t, 0, allow_negative_indices=False)
   hs_, valid_, reset_ = flat(hs), flat(valid), flat(reset)
 
   def delta(t, g_t, dh_next, dh_reset, deltas):
     dh = g_t + dh_next                             # δh_t = ∂ℓ/∂h_t + T-delta from t+1
-    dz = dh if fprime is None else dh * fprime(at(hs_, t))  # δz_t = δh_t ⊙ f'(z_t)
+    dz = dh if fprime is None else dh * fprime(at_step(hs_, t))  # δz_t = δh_t ⊙ f'(z_t)
     if valid is not None:
-      v_t = col(at(valid_, t))
+      v_t = col(at_step(valid_, t))
       dz = jnp.where(v_t, dz, 0)                   # frozen (padded) step: no z
     d_prev = dz @ W_hh_T                           # T-delta: δz_t W_hhᵀ to the state read
     if reset is not None:
-      r_t = col(at(reset_, t))
+      r_t = col(at_step(reset_, t))
       dh_reset = dh_reset + jnp.where(r_t, d_prev, 0)  # a reset step read h0 ...
       d_prev = jnp.where(r_t, 0, d_prev)           # ... so nothing crosses the reset
     if valid is not None:
       d_prev = jnp.where(v_t, d_prev, dh)          # frozen step: h_t = h_{t-1}
     if keep_deltas:
-      deltas = store(deltas, dh, t)
+      deltas = set_step(deltas, dh, t)
     return dz, d_prev, dh_reset, deltas
 
   def body(i, carry):
     dh_next, dh_reset, buf, deltas = carry
     t = T - 1 - i
-    dz, d_prev, dh_reset, deltas = delta(t, at(buf, t - 1), dh_next, dh_reset, deltas)
-    return d_prev, dh_reset, store(buf, dz, t - 1), deltas   # slot t-1: ∂ℓ/∂h_t -> δz_t
+    dz, d_prev, dh_reset, deltas = delta(t, at_step(buf, t - 1), dh_next, dh_reset, deltas)
+    return d_prev, dh_reset, set_step(buf, dz, t - 1), deltas   # slot t-1: ∂ℓ/∂h_t -> δz_t
 
   zeros = jnp.zeros(flat(g).shape[1:], g.dtype)
   init = (zeros if dh_end is None else flat(dh_end[None])[0], None if reset is None else zeros,
@@ -301,8 +299,8 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
   """Loss and gradients by hand-written backpropagation through time.
 
   ``bptt :: (params, [T,B,D], targets) -> (scalar, grads like params)``.
-  A forward ``lax.scan`` keeps the post-activations h^l_t; a reverse
-  ``lax.scan`` per layer runs the delta recursion
+  A forward loop keeps the post-activations h^l_t; a reverse loop
+  per layer runs the delta recursion
 
   .. math::
      \\delta h^l_t = \\frac{\\partial \\ell}{\\partial h^l_t}

@@ -48,6 +48,21 @@ def elman_step(layer: LayerParams, h: jax.Array, x: jax.Array, *,
   return h_new, h_new
 
 
+def at_step(a, t):
+  """``a[t]`` for a loop index ``t >= 0`` (None stays None).
+
+  Loop indices are never negative, so the index normalisation JAX adds by
+  default (a select in every loop step) is left out.
+  """
+  return None if a is None else lax.dynamic_index_in_dim(a, t, keepdims=False,
+                                                           allow_negative_indices=False)
+
+
+def set_step(a, x, t):
+  """``a.at[t].set(x)`` for a loop index ``t >= 0``; in place inside a loop."""
+  return lax.dynamic_update_index_in_dim(a, x, t, 0, allow_negative_indices=False)
+
+
 def masked_step(W_hh, f, h, xp_t, v_t=None, r_t=None, h_reset=None):
   """``h_t`` from ``h_{t-1}`` and the projected input, with the optional masks.
 
@@ -96,15 +111,11 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
   ``b_h`` [H], if given, is added inside the step (``xproj`` then holds
   ``h^{l-1}_t W_xh`` only), which saves a pass over the [T, N, H] buffer.
   """
-  at = lambda a, t: None if a is None else lax.dynamic_index_in_dim(
-      a, t, keepdims=False, allow_negative_indices=False)   # t >= 0: no index normalisation
-
   def body(t, carry):
     h, buf = carry
-    xp_t = at(buf, t) if b_h is None else at(buf, t) + b_h[None, :]
-    h_new = masked_step(W_hh, f, h, xp_t, at(valid, t), at(reset, t), h_reset)
-    return h_new, lax.dynamic_update_index_in_dim(buf, h_new, t, 0,   # xproj[t] <- h_t
-                                                  allow_negative_indices=False)
+    xp_t = at_step(buf, t) if b_h is None else at_step(buf, t) + b_h[None, :]
+    h_new = masked_step(W_hh, f, h, xp_t, at_step(valid, t), at_step(reset, t), h_reset)
+    return h_new, set_step(buf, h_new, t)            # xproj[t] <- h_t
 
   return lax.fori_loop(0, xproj.shape[0], body, (h_start, xproj))[1]
 
