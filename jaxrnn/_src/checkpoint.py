@@ -43,13 +43,13 @@ def _add(a, b):
 
 
 def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset, k, loss,
-                    batch):
+                    batch, unit_weights=False):
   """Checkpointed loss and gradients over one window of W steps.
 
   Args:
     xs [W, N, D]; valid/reset [W, N] bool or None; targets/weights per step;
     h_start, h_reset: tuples of [N, H_l]; k: segment length; batch: the B the
-    loss is averaged over.
+    loss is averaged over; unit_weights: static, every weight is 1.
 
   Returns:
     ``(loss, layer grads, readout grads, dL/dh_start, dL/dh_reset or None)``.
@@ -57,9 +57,10 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
   W = xs.shape[0]
   if W % k and valid is None:      # padded tail steps must be frozen (they pass δ through)
     valid = jnp.ones(xs.shape[:2], bool)
+  unit = unit_weights and W % k == 0              # (padded tail steps weigh 0)
   seg = lambda a, fill=0: None if a is None else _segments(a, k, fill)
   xs_s, valid_s, reset_s = seg(xs), seg(valid, False), seg(reset, False)
-  targets_s, weights_s = seg(targets), seg(weights)
+  targets_s, weights_s = seg(targets), None if unit else seg(weights)
 
   def forward_body(h, inp):
     x, v, r = inp
@@ -77,8 +78,9 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
     dh_next, g_layers, g_readout, d_reset = carry
     x, v, r, y, w, h0_seg = inp
     hs = forward_layers(params, x, h0_seg, v, r, h_reset, inplace=True)   # recompute
-    value, d_out = _loss_and_output_grad(readout(params, hs[-1]), y, w, loss, batch)
-    g, g0, d_ro = readout_backward(params, hs[-1], d_out)
+    w = jnp.ones(x.shape[:2], x.dtype) if unit else w
+    value, d_out = _loss_and_output_grad(readout(params, hs[-1]), y, w, loss, batch, unit)
+    g, g0, d_ro = readout_backward(params, hs[-1], d_out, scale=1.0 / batch if unit else None)
     back = backward_layers(params, x, hs, h0_seg, g, g0, v, r, h_reset, dh_end=dh_next)
     if reset is not None:
       d_reset = _add(d_reset, back.dh_reset)
@@ -99,7 +101,7 @@ def checkpointed_bptt(params, inp: checks.Inputs, loss: str, k: int) -> ManualRe
   if inp.truncation is None:
     value, g_layers, g_readout, dh_start, d_reset = window_backward(
         params, inp.xs, inp.valid, inp.reset, inp.targets, inp.weights, inp.h0, h_reset,
-        min(k, T), loss, B)
+        min(k, T), loss, B, inp.unit_weights)
     dh0 = dh_start if d_reset is None or not reach_h0 else _add(dh_start, d_reset)
     return ManualResult(value, RNNParams(g_layers, g_readout, params.activation), dh0,
                         (None,) * len(params.layers), None)

@@ -161,6 +161,8 @@ class Inputs(NamedTuple):
   truncation: Optional[Truncation]
   # The state a reset restores; None: h0 itself (then resets add to dL/dh0).
   h_reset: Optional[Tuple[jax.Array, ...]] = None
+  # Static: every weight is 1 (no lengths, loss_weights or many_to_one).
+  unit_weights: bool = False
 
 
 def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
@@ -278,7 +280,8 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
   if lengths is not None or loss_weights is not None or many_to_one:
     scored = weights != 0
     targets = jnp.where(scored[:, :, None] if loss == "mse" else scored, targets, 0)
-  return Inputs(xs, h0, valid, reset, targets, weights, truncation)
+  unit = lengths is None and loss_weights is None and not many_to_one
+  return Inputs(xs, h0, valid, reset, targets, weights, truncation, unit_weights=unit)
 
 
 def validate_inputs(params, xs, targets=None, **options) -> None:
