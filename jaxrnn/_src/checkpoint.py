@@ -80,8 +80,13 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
     hs = forward_layers(params, x, h0_seg, v, r, h_reset, inplace=True)   # recompute
     w = jnp.ones(x.shape[:2], x.dtype) if unit else w
     value, d_out = _loss_and_output_grad(readout(params, hs[-1]), y, w, loss, batch, unit)
-    g, g0, d_ro = readout_backward(params, hs[-1], d_out, scale=1.0 / batch if unit else None)
-    back = backward_layers(params, x, hs, h0_seg, g, g0, v, r, h_reset, dh_end=dh_next)
+    scale = 1.0 / batch if unit else None
+    g, g0, d_ro = readout_backward(params, hs[-1], d_out, scale=scale, W_hy_grad=False)
+    # ΔW_hy is formed with the layers' weight gradients: one product per segment
+    back = backward_layers(params, x, hs, h0_seg, g, g0, v, r, h_reset, dh_end=dh_next,
+                           d_out=None if d_ro is None else d_out, fuse=True)
+    if d_ro is not None:
+      d_ro = d_ro._replace(W_hy=back.W_hy if scale is None else back.W_hy * scale)
     if reset is not None:
       d_reset = _add(d_reset, back.dh_reset)
     return (back.dh_start, _add(g_layers, back.layers),
