@@ -141,12 +141,14 @@ def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_re
     Z, dz0, d_start[l], d_reset[l], deltas[l] = _reverse_scan(
         layer.W_hh, fprime, hs[l], g, g0, valid, reset, keep_deltas,
         None if dh_end is None else dh_end[l])
-    W_xh, W_hh, W_hy_l = _weight_grads(
+    top = l == L - 1
+    W_xh, W_hh, W_hy_top = _weight_grads(
         xs if l == 0 else hs[l - 1], hs[l], h_start[l], Z, dz0, reset,
-        None if reset is None else h_reset[l], d_out if l == L - 1 else None, fuse)
+        None if reset is None else h_reset[l], d_out if top else None, fuse)
     grads[l] = LayerParams(W_xh=W_xh, W_hh=W_hh,
                            b_h=Z.sum((0, 1)) + dz0.sum(0))   # Δb_h = Σ_t δz_t
-    W_hy = W_hy_l if l == L - 1 else W_hy
+    if top:
+      W_hy = W_hy_top
     if l > 0:   # S-delta to layer l-1, δz_t W_xhᵀ, shifted like Z
       g, g0 = jnp.einsum("tnh,dh->tnd", Z, layer.W_xh), dz0 @ layer.W_xh.T
   return _Backward(tuple(grads), tuple(d_start), tuple(d_reset), tuple(deltas), W_hy)
