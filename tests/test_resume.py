@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -32,21 +33,30 @@ def test_newest_corrupted_or_truncated_checkpoint_falls_back(tmp_path):
   newest = tmp_path / "ckpt_000000030.npz"
   data = newest.read_bytes()
   newest.write_bytes(data[: len(data) // 2])                     # truncated
-  with pytest.warns(RuntimeWarning, match=r"skipping checkpoint .*ckpt_000000030"):
-    state, record = persist.load_latest(tmp_path, template)
+  (state, record), warned = _load_latest_warned(tmp_path, template)
   assert record["step"] == 20 and record["note"] == 20
+  assert len(warned) == 1 and re.search(r"skipping checkpoint .*ckpt_000000030", warned[0])
   # a flipped byte in the payload: the checksum catches it
   middle = tmp_path / "ckpt_000000020.npz"
   raw = bytearray(middle.read_bytes())
   raw[len(raw) // 2] ^= 0xFF
   middle.write_bytes(bytes(raw))
-  with pytest.warns(RuntimeWarning, match="ckpt_000000020"):
-    _, record = persist.load_latest(tmp_path, template)
+  (_, record), warned = _load_latest_warned(tmp_path, template)
   assert record["step"] == 10
+  assert [re.search(r"ckpt_0000000\d0", w).group() for w in warned] == [
+      "ckpt_000000030", "ckpt_000000020"]                      # newest first, each named once
   # a checkpoint of another model does not fit the template
   other = make_problem(0, T=3, B=2, hidden=(5,))[0]
-  with pytest.warns(RuntimeWarning, match="the state expects"):
-    assert persist.load_latest(tmp_path, (other, optax.adam(0.1).init(other))) is None
+  loaded, warned = _load_latest_warned(tmp_path, (other, optax.adam(0.1).init(other)))
+  assert loaded is None
+  assert len(warned) == 3 and "the state expects" in warned[2] and "ckpt_000000010" in warned[2]
+
+
+def _load_latest_warned(path, template):
+  """``persist.load_latest`` and the messages of every RuntimeWarning it raised (at least one)."""
+  with pytest.warns(RuntimeWarning) as record:
+    loaded = persist.load_latest(path, template)
+  return loaded, [str(w.message) for w in record]
 
 
 def test_fit_resumes_bitwise(tmp_path):
@@ -95,12 +105,12 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert time.time() < deadline
     time.sleep(0.02)
   runs[2].send_signal(signal.SIGKILL)
-  runs[2].wait()
+  runs[2].communicate()                       # reads and closes its stderr pipe
   assert runs[2].returncode == -signal.SIGKILL and not (c / "metrics.json").exists()
-  for p in runs[:2]:
-    assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
   resumed = _sine(c, "--resume", "true")
-  assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+  for p in runs[:2] + [resumed]:
+    err = p.communicate(timeout=300)[1]
+    assert p.returncode == 0, err[-2000:]
 
   (ma, pa), (mb, pb), (mc, pc) = _result(a), _result(b), _result(c)
   assert ma == mb, "two runs with the same config and seed differ"

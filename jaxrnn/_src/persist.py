@@ -70,7 +70,8 @@ def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
   leaves, treedef = jax.tree.flatten(template)
   for path in sorted(directory.glob("ckpt_*.npz"), reverse=True):
     try:
-      with np.load(path, allow_pickle=False) as z:
+      # The file is opened here: np.load leaves it open when the zip is unreadable.
+      with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
         record = str(z["record"])
         arrays = [z[f"arr_{i}"] for i in range(len(leaves))]
         if f"arr_{len(leaves)}" in z.files:
