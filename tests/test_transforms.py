@@ -35,7 +35,7 @@ def test_jit_with_donated_buffers():
   f = jax.jit(lambda p, x, y: jaxrnn.bptt(p, x, y), donate_argnums=0)
   donated = jax.tree.map(jnp.copy, params)
   with warnings.catch_warnings():
-    warnings.simplefilter("error")                # "Some donated buffers were not usable"
+    warnings.filterwarnings("error", "Some donated buffers were not usable")
     got = f(donated, xs, targets)
   jax.tree.map(np.testing.assert_array_equal, got, want)
   assert all(a.is_deleted() for a in jax.tree.leaves(donated))
