@@ -1,9 +1,9 @@
 """XLA temporary memory of the hand-written pass, read from the compiled call.
 
 Deterministic (no timing): what the compiler allocates. The hand-written
-pass keeps two [T, B, H] arrays per layer (states, and the gradient buffer
-the reverse loop overwrites); autodiff keeps several more. A regression
-such as a shifted copy of a [T, B, H] array shows up here.
+pass keeps every layer's [T, B, H] states and one [T, B, H] gradient buffer
+(which the reverse loop overwrites) at a time; autodiff keeps several more.
+A regression such as a shifted copy of a [T, B, H] array shows up here.
 """
 
 import jax
@@ -47,3 +47,21 @@ def test_checkpointing_at_long_sequences():
   full = _temp_bytes(jaxrnn.bptt, params, xs, xs)
   kept = _temp_bytes(jaxrnn.bptt, params, xs, xs, checkpoint_every=100)
   assert kept <= 0.1 * full, (kept, full)
+
+
+@pytest.mark.parametrize("dims", [
+    (100, 8, 16, 64, 2), (100, 8, 16, 64, 3), (100, 8, 16, 64, 4), (100, 8, 64, 64, 3)])
+def test_stack_keeps_states_and_one_gradient_buffer(dims):
+  """L layers: at most L state arrays, one gradient buffer and δo (+ small arrays).
+
+  The S-delta to the layer below and the shifted copy of a layer's input are
+  made after the last products that read the layer's states and its Z, so
+  they take that memory instead of adding to it (3 more [T, B, H] arrays
+  before that ordering).
+  """
+  T, B, D, H, L = dims
+  params = jaxrnn.init_params(jax.random.key(0), D, (H,) * L, D, dtype=jnp.float32)
+  xs = jnp.ones((T, B, D), jnp.float32)
+  state = T * B * H * 4                     # bytes of one [T, B, H] float32 array
+  manual = _temp_bytes(jaxrnn.bptt, params, xs, xs)
+  assert manual <= (L + 1 + D / H + 0.5) * state, (manual / state, L)

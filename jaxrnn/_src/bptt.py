@@ -21,7 +21,11 @@ early (slot t-1 holds ∂ℓ/∂h_t on the way in and δz_t on the way out), so 
 result ``Z[s] = δz_{s+1}`` lines up with the stored states ``h_s`` and
 ``ΔW_hh = Σ_t h_{t-1}ᵀ δz_t = hsᵀ Z`` needs no shifted copy of a [T, B, H]
 array. The price is one shifted copy of the layer's input for ΔW_xh
-([T, B, D] at layer 1) and of δo for the readout ([T, B, O]).
+([T, B, D] at layer 1) and of δo for the readout ([T, B, O]). Those copies
+and the S-delta to the layer below are made only after the last products
+that read the states, δo or Z whose memory they can then take (see
+``_after``), so that the peak is every layer's states, one [T, B, H]
+gradient buffer and δo.
 """
 
 import functools
@@ -150,7 +154,9 @@ def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_re
     if top:
       W_hy = W_hy_top
     if l > 0:   # S-delta to layer l-1, δz_t W_xhᵀ, shifted like Z
-      g, g0 = jnp.einsum("tnh,dh->tnd", Z, layer.W_xh), dz0 @ layer.W_xh.T
+      # (once ΔW_xh is formed: Z's last use, so the product can take its memory)
+      W_xh = _after(layer.W_xh, grads[l].W_xh)
+      g, g0 = jnp.einsum("tnh,dh->tnd", Z, W_xh), dz0 @ layer.W_xh.T
   return _Backward(tuple(grads), tuple(d_start), tuple(d_reset), tuple(deltas), W_hy)
 
 
@@ -178,32 +184,49 @@ def _weight_grads(h_below, h, h_start, Z, dz0, reset, h_reset, d_out=None, fuse=
   Returns:
     ``(ΔW_xh [D, H], ΔW_hh [H, H], ΔW_hy [H, O] or None)``.
   """
-  x_next = _next_steps(h_below, after=Z)           # h^{l-1}_{s+1} lines up with Z[s]
   H, D = h.shape[-1], h_below.shape[-1]
   O = 0 if d_out is None else d_out.shape[-1]
   if fuse and reset is None and (H + D) * (H + O) <= _FUSE_MAX:
+    x_next = _next_steps(h_below, after=Z)         # h^{l-1}_{s+1} lines up with Z[s]
     rhs = Z if d_out is None else jnp.concatenate([Z, d_out], axis=-1)
     m = _sum_outer(jnp.concatenate([h, x_next], axis=-1), rhs)
     W_xh, W_hh = m[H:, :H], m[:H, :H] + h_start.T @ dz0
     W_hy = None if d_out is None else m[:H, H:]
-  else:
-    W_xh = _sum_outer(x_next, Z)
+  else:   # ΔW_hh first: h can die before the shifted copy of h_below is made
     W_hh = _recurrent_grad(h, h_start, Z, dz0, reset, h_reset)
     W_hy = None if d_out is None else _sum_outer(h, d_out)
+    x_next = _next_steps(h_below, after=Z, wait=W_hh if W_hy is None else W_hy)
+    W_xh = _sum_outer(x_next, Z)
   return W_xh + h_below[0].T @ dz0, W_hh, W_hy
 
 
-def _next_steps(a, after=None):
+def _after(x, dep, front=None):
+  """``x`` unchanged, computed only once ``dep`` is: a scheduling constraint.
+
+  XLA on CPU expands optimization barriers before it schedules, so the order
+  is set by a data dependence: a dynamic slice of ``[front, x]`` (``front``:
+  an array of x's shape, x itself by default) whose start, max(n, 0 or 1), is
+  clamped to n whatever ``dep`` holds (NaN included). If x is a constant,
+  ``front`` must not be, or XLA folds the slice. For small ``x`` (it is copied).
+  """
+  n = x.shape[0]
+  k = jnp.maximum(n, (dep.reshape(-1)[0] != 0).astype(jnp.int32))
+  return lax.dynamic_slice_in_dim(jnp.concatenate([x if front is None else front, x]), k, n)
+
+
+def _next_steps(a, after=None, wait=None):
   """``[T, ...] -> [T, ...]``: ``a[s + 1]`` at position s, zero at T-1 (the shifted layout).
 
   ``after``: an output Z of :func:`_reverse_scan`, whose last slot is exactly
   zero; taking the zero pad from it makes the copy wait for the scan, so that
   XLA does not schedule it first and keep it alive (in memory) all along.
+  ``wait``: an array the copy waits for as well (see :func:`_after`), such as
+  the last product that reads an array whose memory the copy can then reuse.
   """
   pad = jnp.zeros_like(a[:1])
   if after is not None:
     pad = jnp.broadcast_to(after[-1:, :, :1], pad.shape).astype(a.dtype)
-  return jnp.concatenate([a[1:], pad], axis=0)
+  return jnp.concatenate([a[1:], pad if wait is None else _after(pad, wait, a[:1])], axis=0)
 
 
 def _sum_outer(a, b):
@@ -254,15 +277,17 @@ def readout_backward(params, h_top, d_out, shifted=True, scale=None, W_hy_grad=T
   ``W_hy_grad=False``: the caller forms ΔW_hy (``backward_layers(d_out=...)``)
   and the returned readout gradient has ``W_hy=None``.
   """
-  d_in = _next_steps(d_out) if shifted else d_out
   d0 = d_out[0] if shifted else None
   if params.readout is None:
+    d_in = _next_steps(d_out) if shifted else d_out
     if scale is not None:
       d_in, d0 = d_in * scale, None if d0 is None else d0 * scale
     return d_in, d0, None
   W_hy = params.readout.W_hy if scale is None else params.readout.W_hy * scale
   d_readout = Readout(W_hy=_sum_outer(h_top, d_out) if W_hy_grad else None,  # ΔW_hy = Σ_t h^Lᵀ δo
                       b_y=d_out.sum((0, 1)))                             # Δb_y = Σ_t δo
+  # shifted: δo is copied once ΔW_hy is formed, so that δo can die at once
+  d_in = d_out if not shifted else _next_steps(d_out, wait=d_readout.W_hy)
   if scale is not None:
     d_readout = jax.tree.map(lambda a: a * scale, d_readout)
   return (jnp.einsum("tbo,ho->tbh", d_in, W_hy),                          # δo W_hyᵀ
