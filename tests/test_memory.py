@@ -50,14 +50,16 @@ def test_checkpointing_at_long_sequences():
 
 
 @pytest.mark.parametrize("dims", [
-    (100, 8, 16, 64, 2), (100, 8, 16, 64, 3), (100, 8, 16, 64, 4), (100, 8, 64, 64, 3)])
+    (600, 32, 16, 64, 2), (600, 32, 16, 64, 3), (600, 32, 16, 64, 4), (600, 32, 64, 64, 3)])
 def test_stack_keeps_states_and_one_gradient_buffer(dims):
   """L layers: at most L state arrays, one gradient buffer and δo (+ small arrays).
 
   The S-delta to the layer below and the shifted copy of a layer's input are
   made after the last products that read the layer's states and its Z, so
   they take that memory instead of adding to it (3 more [T, B, H] arrays
-  before that ordering).
+  before that ordering). Only from 4 MiB of states per layer
+  (``_ORDER_MIN_BYTES``; 4.9 MB here): below, XLA is left free to run the
+  small products side by side.
   """
   T, B, D, H, L = dims
   params = jaxrnn.init_params(jax.random.key(0), D, (H,) * L, D, dtype=jnp.float32)
