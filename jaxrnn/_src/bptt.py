@@ -24,8 +24,8 @@ array. The price is one shifted copy of the layer's input for ΔW_xh
 ([T, B, D] at layer 1) and of δo for the readout ([T, B, O]). Those copies
 and the S-delta to the layer below are made only after the last products
 that read the states, δo or Z whose memory they can then take (see
-``_after``), so that the peak is every layer's states, one [T, B, H]
-gradient buffer and δo.
+``_after``; from 4 MiB of states per layer), so that the peak is every
+layer's states, one [T, B, H] gradient buffer and δo.
 """
 
 import functools
