@@ -65,5 +65,6 @@ def test_stack_keeps_states_and_one_gradient_buffer(dims):
   params = jaxrnn.init_params(jax.random.key(0), D, (H,) * L, D, dtype=jnp.float32)
   xs = jnp.ones((T, B, D), jnp.float32)
   state = T * B * H * 4                     # bytes of one [T, B, H] float32 array
+  O = D                                     # readout size: δo is O / H of a state array
   manual = _temp_bytes(jaxrnn.bptt, params, xs, xs)
-  assert manual <= (L + 1 + D / H + 0.5) * state, (manual / state, L)
+  assert manual <= (L + 1 + O / H + 0.5) * state, (manual / state, L)

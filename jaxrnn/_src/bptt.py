@@ -195,7 +195,7 @@ def _weight_grads(h_below, h, h_start, Z, dz0, reset, h_reset, d_out=None, fuse=
   else:   # ΔW_hh first: h can die before the shifted copy of h_below is made
     W_hh = _recurrent_grad(h, h_start, Z, dz0, reset, h_reset)
     W_hy = None if d_out is None else _sum_outer(h, d_out)
-    last = W_hh if W_hy is None else W_hy
+    last = (W_hh,) if W_hy is None else (W_hh, W_hy)    # the products that read h
     x_next = _next_steps(h_below, after=Z, wait=last if _order_for_memory(h) else None)
     W_xh = _sum_outer(x_next, Z)
   return W_xh + h_below[0].T @ dz0, W_hh, W_hy
@@ -215,16 +215,19 @@ def _order_for_memory(h):
 
 
 def _after(x, dep, front=None):
-  """``x`` unchanged, computed only once ``dep`` is: a scheduling constraint.
+  """``x`` unchanged, computed only once ``dep`` (an array or a tuple) is.
 
-  XLA on CPU expands optimization barriers before it schedules, so the order
-  is set by a data dependence: a dynamic slice of ``[front, x]`` (``front``:
-  an array of x's shape, x itself by default) whose start, max(n, 0 or 1), is
-  clamped to n whatever ``dep`` holds (NaN included). If x is a constant,
-  ``front`` must not be, or XLA folds the slice. For small ``x`` (it is copied).
+  A scheduling constraint. XLA on CPU expands optimization barriers before it
+  schedules, so the order is set by a data dependence: a dynamic slice of
+  ``[front, x]`` (``front``: an array of x's shape, x itself by default) whose
+  start, max(n, 0 or 1, ...), is clamped to n whatever ``dep`` holds (NaN
+  included). If x is a constant, ``front`` must not be, or XLA folds the
+  slice. For small ``x`` (it is copied).
   """
   n = x.shape[0]
-  k = jnp.maximum(n, (dep.reshape(-1)[0] != 0).astype(jnp.int32))
+  k = n
+  for d in dep if isinstance(dep, tuple) else (dep,):
+    k = jnp.maximum(k, (d.reshape(-1)[0] != 0).astype(jnp.int32))
   return lax.dynamic_slice_in_dim(jnp.concatenate([x if front is None else front, x]), k, n)
 
 
@@ -234,8 +237,8 @@ def _next_steps(a, after=None, wait=None):
   ``after``: an output Z of :func:`_reverse_scan`, whose last slot is exactly
   zero; taking the zero pad from it makes the copy wait for the scan, so that
   XLA does not schedule it first and keep it alive (in memory) all along.
-  ``wait``: an array the copy waits for as well (see :func:`_after`), such as
-  the last product that reads an array whose memory the copy can then reuse.
+  ``wait``: arrays the copy waits for as well (see :func:`_after`), such as
+  the last products that read an array whose memory the copy can then reuse.
   """
   pad = jnp.zeros_like(a[:1])
   if after is not None:
