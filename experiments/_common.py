@@ -7,7 +7,7 @@ import os
 import pathlib
 import statistics
 import time
-from typing import Any, Callable, Sequence, Type, TypeVar
+from typing import Any, Callable, Dict, Sequence, Type, TypeVar
 
 import jax
 
@@ -55,8 +55,12 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def calls_per_sample(fn: Callable[[], Any], min_time: float = 0.05,
-                     block=jax.block_until_ready) -> int:
+def block(x):
+  """Waits for a JAX result; a PyTorch tensor is detached (its CPU work is done)."""
+  return jax.block_until_ready(x) if not hasattr(x, "detach") else x.detach()
+
+
+def calls_per_sample(fn: Callable[[], Any], min_time: float = 0.05) -> int:
   """Warms ``fn`` up, then doubles the calls per timing sample until one lasts min_time."""
   block(fn())
   n = 1
@@ -69,16 +73,26 @@ def calls_per_sample(fn: Callable[[], Any], min_time: float = 0.05,
     n *= 2
 
 
-def median_time(fn: Callable[[], Any], repeats: int = 5, min_time: float = 0.05) -> float:
-  """Median seconds per call of a jitted ``fn`` after one warm-up call."""
-  n = calls_per_sample(fn, min_time)
-  samples = []
+def time_interleaved(methods: Dict[str, Callable[[], Any]], base: str, repeats: int = 5,
+                     min_time: float = 0.05):
+  """Times zero-argument calls in turn: every repeat times every method once.
+
+  Returns ``(median seconds per call, median over repeats of time / time of
+  base)`` as two dicts keyed like ``methods``. The ratios are taken within
+  each repeat, where all methods ran within a second of each other, so a
+  slow phase of a shared machine cancels out of them.
+  """
+  calls = {name: calls_per_sample(f, min_time) for name, f in methods.items()}
+  samples = {name: [] for name in methods}
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(n):
-      jax.block_until_ready(fn())
-    samples.append((time.perf_counter() - t0) / n)
-  return statistics.median(samples)
+    for name, f in methods.items():
+      t0 = time.perf_counter()
+      for _ in range(calls[name]):
+        block(f())
+      samples[name].append((time.perf_counter() - t0) / calls[name])
+  ratios = {name: statistics.median(t / b for t, b in zip(s, samples[base]))
+            for name, s in samples.items()}
+  return {name: statistics.median(s) for name, s in samples.items()}, ratios
 
 
 def pyplot():

@@ -18,7 +18,6 @@ import importlib
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -30,7 +29,7 @@ import numpy as np
 import jaxrnn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import calls_per_sample, parse_config, results_dir, write_json  # noqa: E402
+from _common import parse_config, results_dir, time_interleaved, write_json  # noqa: E402
 
 # (T, B, D, H, layers), and optional keyword options of bptt
 GRID = (
@@ -195,31 +194,6 @@ def torch_method(dims, opts):
   return call, None
 
 
-def _block(x):
-  return jax.block_until_ready(x) if not hasattr(x, "detach") else x.detach()
-
-
-def time_interleaved(methods: Dict[str, Callable], repeats: int, min_time: float,
-                     base: str = "jaxrnn.bptt"):
-  """Every repeat times every method once, in turn.
-
-  Returns ``(median seconds per call, median over repeats of time / time of
-  base)``. The ratios are taken within each repeat, where all methods ran
-  within a second of each other, so a slow phase of a shared machine cancels.
-  """
-  calls = {name: calls_per_sample(f, min_time, _block) for name, f in methods.items()}
-  samples = {name: [] for name in methods}
-  for _ in range(repeats):
-    for name, f in methods.items():
-      t0 = time.perf_counter()
-      for _ in range(calls[name]):
-        _block(f())
-      samples[name].append((time.perf_counter() - t0) / calls[name])
-  ratios = {name: statistics.median(t / b for t, b in zip(s, samples[base]))
-            for name, s in samples.items()}
-  return {name: statistics.median(s) for name, s in samples.items()}, ratios
-
-
 def run(cfg: Config):
   grid = SMOKE_GRID if cfg.smoke else GRID
   peak_n = 512 if cfg.smoke else 2048
@@ -242,7 +216,7 @@ def run(cfg: Config):
     # and the peak are medians over the same moments of a shared machine.
     timed = {k: v[0] for k, v in methods.items()}
     timed[PEAK] = peak_call
-    times, ratios = time_interleaved(timed, cfg.repeats, cfg.min_time)
+    times, ratios = time_interleaved(timed, "jaxrnn.bptt", cfg.repeats, cfg.min_time)
     row_peak = peak_flops / times.pop(PEAK) / 1e9
     ratios.pop(PEAK)
     gflops = flops(dims, opts) / times["jaxrnn.bptt"] / 1e9

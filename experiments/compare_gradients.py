@@ -2,10 +2,12 @@
 
 For each configuration: the largest relative error of ``jaxrnn.bptt``
 against ``jaxrnn.autodiff_bptt`` per parameter (float64), and the time of
-each jitted loss-and-gradient call (float32, after warm-up, median).
+each jitted loss-and-gradient call (float32, after warm-up, median; the two
+methods are timed in turn in every repeat, and the speedup is the median of
+the within-repeat ratios, so a slow phase of the machine cancels out).
 A tiny model is also checked against a full central-difference gradient.
 
-    python experiments/compare_gradients.py            # ~30 s on 2 CPU cores
+    python experiments/compare_gradients.py            # ~40 s on 2 CPU cores
     python experiments/compare_gradients.py --smoke    # a few seconds
 """
 
@@ -23,7 +25,7 @@ import numpy as np  # noqa: E402
 import jaxrnn  # noqa: E402
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import median_time, parse_config, results_dir, write_json  # noqa: E402
+from _common import parse_config, results_dir, time_interleaved, write_json  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,7 @@ SMOKE_CASES = tuple(dataclasses.replace(c, T=min(c.T, 12), B=min(c.B, 3)) for c 
 class Config:
   """Compare hand-written BPTT with jax.value_and_grad."""
   seed: int = 0
-  repeats: int = 5
+  repeats: int = 9
   smoke: bool = False
   out: str = ""
 
@@ -126,10 +128,12 @@ def run(cfg: Config):
         lambda a: a.astype(jnp.float32) if a.dtype == jnp.float64 else a, (params, xs, targets))
     manual = jax.jit(lambda p, x, y: jaxrnn.bptt(p, x, y, **kw))
     auto = jax.jit(lambda p, x, y: jaxrnn.autodiff_bptt(p, x, y, **kw))
-    t_m = median_time(lambda: manual(p32, x32, t32), cfg.repeats)
-    t_a = median_time(lambda: auto(p32, x32, t32), cfg.repeats)
+    times, ratios = time_interleaved({"manual": lambda: manual(p32, x32, t32),
+                                      "autodiff": lambda: auto(p32, x32, t32)},
+                                     "manual", cfg.repeats)
     rows.append(dict(case=dataclasses.asdict(case), rel_error_vs_autodiff=errors,
-                     time_manual_s=t_m, time_autodiff_s=t_a, speedup=t_a / t_m))
+                     time_manual_s=times["manual"], time_autodiff_s=times["autodiff"],
+                     speedup=ratios["autodiff"]))
   fd_case, fd_err = _finite_difference_check(cfg.seed)
   rows.append(dict(case=dataclasses.asdict(fd_case), rel_error_vs_finite_differences=fd_err))
   return rows
