@@ -56,8 +56,13 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
 
 
 def block(x):
-  """Waits for a JAX result; a PyTorch tensor is detached (its CPU work is done)."""
-  return jax.block_until_ready(x) if not hasattr(x, "detach") else x.detach()
+  """Waits for a JAX result or a PyTorch tensor (on a GPU, until its stream is done)."""
+  if not hasattr(x, "detach"):
+    return jax.block_until_ready(x)
+  if x.is_cuda:
+    import torch
+    torch.cuda.synchronize(x.device)
+  return x.detach()
 
 
 def calls_per_sample(fn: Callable[[], Any], min_time: float = 0.05) -> int:

@@ -7,10 +7,12 @@ interleaved in every repeat), the ratio of each to ``jaxrnn.bptt``, the
 GFLOP/s of ``jaxrnn.bptt`` beside the matrix-multiply peak measured in the
 same run, and XLA's temporary memory (``compiled.memory_analysis()``) of
 every JAX method. Flax and PyTorch are optional (``pip install -e ".[bench]"``
-and ``pip install torch``): a missing peer is reported as skipped.
+and ``pip install torch``): a missing peer is reported as skipped. Where JAX
+runs on a GPU, PyTorch runs there too (``nn.RNN`` on cuDNN).
 
-    python experiments/bench.py             # the full grid, a few minutes
-    python experiments/bench.py --smoke     # seconds
+    python experiments/bench.py                       # the full grid, a few minutes
+    python experiments/bench.py --smoke               # seconds
+    python experiments/bench.py --precision float32   # no TF32 on a GPU, in any library
 """
 
 import dataclasses
@@ -55,6 +57,31 @@ class Config:
   peers: bool = True          # include Flax and PyTorch when installed
   smoke: bool = False
   out: str = ""
+  # float32 matrix products: "default" leaves each library its own default (on
+  # NVIDIA GPUs since Ampere both JAX and cuDNN then use TF32 tensor cores);
+  # "float32" asks every library for full float32 products.
+  precision: str = "default"
+
+
+PRECISIONS = ("default", "float32")
+
+
+def set_precision(precision: str) -> None:
+  """Applies Config.precision to JAX and, if installed, PyTorch."""
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}.")
+  if precision == "float32":
+    jax.config.update("jax_default_matmul_precision", "float32")
+    try:
+      import torch
+    except ImportError:
+      return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
 
 
 def _label(dims, opts):
@@ -169,18 +196,33 @@ def flax_method(dims, opts):
   return (lambda: compiled(variables)), compiled.memory_analysis().temp_size_in_bytes
 
 
+def torch_device(torch) -> str:
+  """PyTorch's device: the GPU where JAX runs on one (and PyTorch sees it), else the CPU."""
+  return "cuda" if on_gpu() and torch.cuda.is_available() else "cpu"
+
+
+def torch_name() -> str:
+  """The PyTorch peer's name in the results: "torch nn.RNN (CPU)" or "(cuDNN)"."""
+  try:
+    import torch
+  except ImportError:
+    return "torch nn.RNN (CPU)"
+  return "torch nn.RNN (cuDNN)" if torch_device(torch) == "cuda" else "torch nn.RNN (CPU)"
+
+
 def torch_method(dims, opts):
   torch = _peer("torch", opts)
   if torch is None:
     return None
   T, B, D, H, L = dims
+  dev = torch_device(torch)
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
-  rnn = torch.nn.RNN(D, H, num_layers=L, nonlinearity="tanh")  # time-major [T, B, D]
-  head = torch.nn.Linear(H, D)
-  xs = torch.randn(T, B, D)
+  rnn = torch.nn.RNN(D, H, num_layers=L, nonlinearity="tanh", device=dev)  # time-major [T, B, D]
+  head = torch.nn.Linear(H, D, device=dev)
+  xs = torch.randn(T, B, D, device=dev)
   many_to_one = opts.get("many_to_one", False)
-  ys = torch.randn(B, D) if many_to_one else torch.randn(T, B, D)
+  ys = torch.randn(B, D, device=dev) if many_to_one else torch.randn(T, B, D, device=dev)
 
   def call():
     for p in (*rnn.parameters(), *head.parameters()):
@@ -195,8 +237,10 @@ def torch_method(dims, opts):
 
 
 def run(cfg: Config):
+  set_precision(cfg.precision)
   grid = SMOKE_GRID if cfg.smoke else GRID
-  peak_n = 512 if cfg.smoke else 2048
+  # A GPU needs a larger product than a CPU to reach its peak.
+  peak_n = 512 if cfg.smoke else (8192 if on_gpu() else 2048)
   peak = measure_peak(peak_n)
   peak_call, peak_flops = peak_matmul(peak_n)
   rows, skipped = [], set()
@@ -204,7 +248,7 @@ def run(cfg: Config):
     methods = jax_methods(dims, opts)
     if cfg.peers:
       for name, make in (("flax nn.RNN(SimpleCell)", flax_method),
-                         ("torch nn.RNN (CPU)", torch_method)):
+                         (torch_name(), torch_method)):
         try:
           m = make(dims, opts)
         except NotInstalled:
@@ -230,7 +274,8 @@ def run(cfg: Config):
   return dict(peak_gflops=peak, peak_n=peak_n, rows=rows, skipped=sorted(skipped),
               machine=dict(platform=platform.platform(), processor=platform.processor(),
                            cpus=os.cpu_count(), device=str(jax.devices()[0]),
-                           jax=jax.__version__))
+                           device_kind=jax.devices()[0].device_kind,
+                           jax=jax.__version__, precision=cfg.precision))
 
 
 def format_row(r):
@@ -250,7 +295,8 @@ def summarise(result):
   def ratios(name, subset):
     return [r["ratio_to_bptt"].get(name) for r in subset]
   s = {}
-  for name in ("jaxrnn.autodiff_bptt", "flax nn.RNN(SimpleCell)", "torch nn.RNN (CPU)"):
+  for name in ("jaxrnn.autodiff_bptt", "flax nn.RNN(SimpleCell)", "torch nn.RNN (CPU)",
+               "torch nn.RNN (cuDNN)"):
     rs = [x for x in ratios(name, grid) if x is not None]
     if rs:
       s[name] = dict(geomean_speedup=geomean(rs), min_speedup=min(rs))
@@ -273,7 +319,8 @@ def markdown(result) -> str:
   rows = result["rows"]
   names = list(dict.fromkeys(k for r in rows for k in r["time_s"]))
   short = {"jaxrnn.bptt": "bptt", "jaxrnn.autodiff_bptt": "autodiff",
-           "flax nn.RNN(SimpleCell)": "flax", "torch nn.RNN (CPU)": "torch"}
+           "flax nn.RNN(SimpleCell)": "flax", "torch nn.RNN (CPU)": "torch",
+           "torch nn.RNN (cuDNN)": "torch"}
   short.update({n: "ckpt" for n in names if n.startswith("bptt checkpoint")})
   head = ("| point | " + " | ".join(f"{short[n]} ms" for n in names) + " | "
           + " | ".join(f"{short[n]}/bptt" for n in names[1:])
@@ -290,10 +337,14 @@ def markdown(result) -> str:
                  + f" | {r['peak_gflops']:.0f} | "
                  + " / ".join(mem) + " |")
   m = result["machine"]
+  torch_names = [n for n in names if n.startswith("torch")]
   lines += ["", f"Matrix-multiply peak (float32, {result['peak_n']}² matmul): the 'peak' column is its "
             f"median rate timed in the same repeats as the row's methods; the best of 5 at the start "
             f"was {result['peak_gflops']:.1f} GFLOP/s. Machine: {m['cpus']} CPUs, {m['platform']}, "
-            f"{m['device']}, jax {m['jax']}. Ratios > 1 mean jaxrnn.bptt is faster; "
+            f"{m['device']} ({m.get('device_kind', '?')}), jax {m['jax']}, float32 products: "
+            f"{m.get('precision', 'default')}"
+            + (f", torch = {torch_names[0]}" if torch_names else "")
+            + ". Ratios > 1 mean jaxrnn.bptt is faster; "
             "each is the median over repeats of the ratio within a repeat."]
   if result["skipped"]:
     lines.append(f"Skipped (not installed): {', '.join(result['skipped'])}.")

@@ -105,6 +105,12 @@ def test_full_config_meets_its_targets(name, full_runs):
     assert abs(metrics["test_count"] - metrics["test_true_count"]) < 0.05
 
 
+def test_bench_precision_is_checked():
+  import bench
+  with pytest.raises(ValueError, match="precision must be one of"):
+    bench.set_precision("tf32")
+
+
 def test_bench_smoke(tmp_path):
   import bench
   result = bench.main(["--smoke", "--out", str(tmp_path)])

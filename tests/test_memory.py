@@ -13,6 +13,16 @@ import pytest
 import jaxrnn
 
 
+# The ratios below are claims about XLA:CPU's memory plan (issue 6's targets are
+# for the CPU). XLA:GPU plans differently: its split-K matrix products make a
+# zero-padded copy of both [T·N, H] operands of every weight-gradient product
+# (e.g. [80000, 32] -> [80384, 32]), one more state-sized array, and its
+# autodiff plan is smaller than the CPU's. Measured on an H100: bptt needs
+# 0.62-0.83 of autodiff's temporary memory there (README, "On a GPU").
+cpu_plan = pytest.mark.skipif(jax.default_backend() != "cpu",
+                              reason="a claim about XLA:CPU's memory plan; GPU figures in README")
+
+
 def _temp_bytes(fn, params, xs, ys, **kw):
   f = jax.jit(lambda p, x, y: fn(p, x, y, **kw))
   return f.lower(params, xs, ys).compile().memory_analysis().temp_size_in_bytes
@@ -25,6 +35,7 @@ def _temp_bytes(fn, params, xs, ys, **kw):
     ((60, 4, 8, 32, 1), dict(tau_max=10)),
     ((50, 1, 8, 32, 1), dict(many_to_one=True)),
 ])
+@cpu_plan
 def test_half_of_autodiff(dims, kw):
   """bptt needs at most half of autodiff_bptt's temporary memory (issue 6's target).
 
@@ -51,6 +62,7 @@ def test_checkpointing_at_long_sequences():
 
 @pytest.mark.parametrize("dims", [
     (600, 32, 16, 64, 2), (600, 32, 16, 64, 3), (600, 32, 16, 64, 4), (600, 32, 64, 64, 3)])
+@cpu_plan
 def test_stack_keeps_states_and_one_gradient_buffer(dims):
   """L layers: at most L state arrays, one gradient buffer and δo (+ small arrays).
 

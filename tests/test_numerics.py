@@ -42,18 +42,29 @@ def test_unbounded_activation_overflow_is_reported_not_hidden():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_near_one_hot_softmax(dtype):
-  """Logits of ±1e3 (log-softmax, never log(softmax)): finite loss and gradients."""
+  """Logits of ±1e3 (log-softmax, never log(softmax)): finite loss and gradients.
+
+  Both methods are checked against autodiff in float64 on the same (rounded)
+  parameters. Where the target is the most likely class, p_y = 1 − 7e-5 and
+  the loss −log p_y and δo_y = p_y − 1 are ill-conditioned in float32
+  (relative condition ~ 1 / (1 − p_y) ≈ 1.4e4, times float32's 6e-8: 8e-4);
+  both methods land 3.5e-4 to 5e-4 from the float64 values there. Two float32
+  results agree better than that only when they round alike (on the CPU, not
+  on a GPU), so that case is held to its conditioning, the others to 1e-5.
+  """
   params, xs, _ = make_problem(1, T=6, B=2, hidden=(3,), O=5, dtype=dtype)
   params = params._replace(readout=params.readout._replace(W_hy=params.readout.W_hy * 2e3))
   logits = jaxrnn.forward(params, xs)[2]
   assert float(jnp.max(jnp.abs(logits))) > 300
+  up = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)
   wrong = jnp.argmin(logits, axis=-1)            # the least likely class: loss ~ 1e3
-  for y in (wrong, jnp.argmax(logits, axis=-1)):
-    got = jaxrnn.bptt(params, xs, y, loss="xent")
-    want = jaxrnn.autodiff_bptt(params, xs, y, loss="xent")
-    assert _finite(got)
-    assert_trees_close(got, want, 1e-10 if dtype == jnp.float64 else 1e-4,
-                       atol=1e-5 if dtype == jnp.float32 else 0.0)
+  right = jnp.argmax(logits, axis=-1)            # the most likely: loss ~ 7e-5
+  for y, rtol32 in ((wrong, 1e-5), (right, 2e-3)):
+    want = jaxrnn.autodiff_bptt(up(params), up(xs), y, loss="xent")
+    for fn in (jaxrnn.bptt, jaxrnn.autodiff_bptt):
+      got = fn(params, xs, y, loss="xent")
+      assert _finite(got)
+      assert_trees_close(up(got), want, 1e-10 if dtype == jnp.float64 else rtol32)
 
 
 def test_long_float32_sequence():

@@ -82,6 +82,10 @@ def test_fit_resumes_bitwise(tmp_path):
 
 def _sine(out, *extra):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+  # On a GPU two processes can pick different matrix-product kernels (autotuning)
+  # and reduce in different orders; bitwise reproducibility needs these there.
+  # The CPU ignores them.
+  env["XLA_FLAGS"] = "--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
   return subprocess.Popen([sys.executable, str(ROOT / "experiments" / "sine.py"), "--steps",
                            "2000", "--checkpoint_every", "50", "--out", str(out), *extra],
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
