@@ -18,7 +18,7 @@ import jaxrnn
 # zero-padded copy of both [T·N, H] operands of every weight-gradient product
 # (e.g. [80000, 32] -> [80384, 32]), one more state-sized array, and its
 # autodiff plan is smaller than the CPU's. Measured on an H100: bptt needs
-# 0.62-0.83 of autodiff's temporary memory there (README, "On a GPU").
+# 0.61-0.83 of autodiff's temporary memory there (README, "On a GPU").
 cpu_plan = pytest.mark.skipif(jax.default_backend() != "cpu",
                               reason="a claim about XLA:CPU's memory plan; GPU figures in README")
 
