@@ -39,8 +39,8 @@ from jax import lax
 from jaxrnn._src import checks, windows
 from jaxrnn._src.activations import get_activation
 from jaxrnn._src.params import LayerParams, Readout, RNNParams
-from jaxrnn._src.rnn import (at_step, forward_layers, readout, set_step, step_losses,
-                             weighted_total)
+from jaxrnn._src.rnn import (at_step, forward_layers, log_softmax, readout, set_step,
+                             step_losses, weighted_total)
 
 
 class _Backward(NamedTuple):
@@ -293,8 +293,10 @@ def _loss_and_output_grad(out, targets, weights, loss, batch, unit_weights=False
   if loss == "mse":
     d_out = out - targets
   else:
-    p = jnp.exp(jax.nn.log_softmax(out, axis=-1))
-    d_out = p - jax.nn.one_hot(targets, out.shape[-1], dtype=out.dtype)
+    p = jnp.exp(log_softmax(out))
+    y = jax.nn.one_hot(targets, out.shape[-1], dtype=bool)
+    # p_y − 1 = −Σ_{j≠y} p_j: a sum of small terms where p_y → 1, no cancellation
+    d_out = jnp.where(y, -jnp.sum(jnp.where(y, 0, p), axis=-1, keepdims=True), p)
   return value, d_out if unit_weights else d_out * (weights / batch)[:, :, None]
 
 
