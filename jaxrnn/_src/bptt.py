@@ -39,8 +39,8 @@ from jax import lax
 from jaxrnn._src import checks, windows
 from jaxrnn._src.activations import get_activation
 from jaxrnn._src.params import LayerParams, Readout, RNNParams
-from jaxrnn._src.rnn import (at_step, forward_layers, log_softmax, readout, set_step,
-                             step_losses, weighted_total)
+from jaxrnn._src.rnn import (at_step, forward_layers, is_small_product, log_softmax,
+                             loop_matmul, readout, set_step, step_losses, weighted_total)
 
 
 class _Backward(NamedTuple):
@@ -51,7 +51,8 @@ class _Backward(NamedTuple):
   W_hy: Optional[jax.Array] = None       # [H_L, O] Σ_t h^L_tᵀ δo_t, if δo was passed in
 
 
-def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=None):
+def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=None,
+                  steps=None):
   """Delta recursion through time for one layer, a reverse loop carrying only δ.
 
   Everything is one step "shifted": slot t-1 of ``g`` holds ∂ℓ/∂h_t, and the
@@ -68,13 +69,13 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
     g0: [N, H] the same for step 0.
     dh_end: [N, H] T-delta arriving from the step after the last (None:
       zero), for segment-by-segment backward passes.
+    steps: the sequence length for ``rnn.is_small_product`` (None: T).
 
   Returns:
     Z [T, N, H] (``Z[t-1] = δz_t``, ``Z[T-1] = 0``; the buffer of ``g``);
     δz_0 [N, H]; δ for the state before step 0 [N, H]; ∂L/∂h0 through resets
     [N, H] (or None); δh [T, N, H] (or None).
   """
-  W_hh_T = W_hh.T
   T = hs.shape[0]
   # With N = 1, XLA copies a [T, 1, H] loop buffer at every step instead of
   # updating it in place (measured: 20x slower), so the single sequence runs
@@ -83,35 +84,48 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
   flat = (lambda a: None if a is None else a[:, 0]) if squeeze else (lambda a: a)
   col = (lambda m: m) if squeeze else (lambda m: m[:, None])   # a mask against [.., H]
   hs_, valid_, reset_ = flat(hs), flat(valid), flat(reset)
+  times_W_hh_T = loop_matmul(W_hh.T, hs.shape[1], steps or T)
+  read_back = is_small_product(W_hh.T, hs.shape[1], steps or T)
 
-  def delta(t, g_t, dh_next, dh_reset, deltas):
+  def local(t, g_t, dh_next):
     dh = g_t + dh_next                             # δh_t = ∂ℓ/∂h_t + T-delta from t+1
     dz = dh if fprime is None else dh * fprime(at_step(hs_, t))  # δz_t = δh_t ⊙ f'(z_t)
     if valid is not None:
-      v_t = col(at_step(valid_, t))
-      dz = jnp.where(v_t, dz, 0)                   # frozen (padded) step: no z
-    d_prev = dz @ W_hh_T                           # T-delta: δz_t W_hhᵀ to the state read
+      dz = jnp.where(col(at_step(valid_, t)), dz, 0)  # frozen (padded) step: no z
+    return dh, dz
+
+  def back(t, dh, dz, dh_reset, deltas):
+    d_prev = times_W_hh_T(dz)                      # T-delta: δz_t W_hhᵀ to the state read
     if reset is not None:
       r_t = col(at_step(reset_, t))
       dh_reset = dh_reset + jnp.where(r_t, d_prev, 0)  # a reset step read h0 ...
       d_prev = jnp.where(r_t, 0, d_prev)           # ... so nothing crosses the reset
     if valid is not None:
-      d_prev = jnp.where(v_t, d_prev, dh)          # frozen step: h_t = h_{t-1}
+      d_prev = jnp.where(col(at_step(valid_, t)), d_prev, dh)  # frozen step: h_t = h_{t-1}
     if keep_deltas:
       deltas = set_step(deltas, dh, t)
-    return dz, d_prev, dh_reset, deltas
+    return d_prev, dh_reset, deltas
 
   def body(i, carry):
     dh_next, dh_reset, buf, deltas = carry
     t = T - 1 - i
-    dz, d_prev, dh_reset, deltas = delta(t, at_step(buf, t - 1), dh_next, dh_reset, deltas)
-    return d_prev, dh_reset, set_step(buf, dz, t - 1), deltas   # slot t-1: ∂ℓ/∂h_t -> δz_t
+    dh, dz = local(t, at_step(buf, t - 1), dh_next)
+    buf = set_step(buf, dz, t - 1)                 # slot t-1: ∂ℓ/∂h_t -> δz_t
+    # A matrix-vector product reads δz_t back from the buffer: otherwise XLA
+    # fuses δz_t's computation into both the store and the product's operand,
+    # the store then reads the slot it overwrites, and XLA copies the whole
+    # buffer at every step (200x slower). The library product needs no read
+    # (which costs it 2-5%).
+    dz = at_step(buf, t - 1) if read_back else dz
+    d_prev, dh_reset, deltas = back(t, dh, dz, dh_reset, deltas)
+    return d_prev, dh_reset, buf, deltas
 
   zeros = jnp.zeros(flat(g).shape[1:], g.dtype)
   init = (zeros if dh_end is None else flat(dh_end[None])[0], None if reset is None else zeros,
           flat(g), jnp.zeros_like(flat(g)) if keep_deltas else None)
   dh_next, dh_reset, Z, deltas = lax.fori_loop(0, T - 1, body, init)
-  dz0, d_start, dh_reset, deltas = delta(0, flat(g0[None])[0], dh_next, dh_reset, deltas)
+  dh, dz0 = local(0, flat(g0[None])[0], dh_next)
+  d_start, dh_reset, deltas = back(0, dh, dz0, dh_reset, deltas)
   if squeeze:
     Z, dz0, d_start = Z[:, None], dz0[None], d_start[None]
     dh_reset = None if dh_reset is None else dh_reset[None]
@@ -120,7 +134,8 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
 
 
 def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_reset=None,
-                    keep_deltas=False, dh_end=None, d_out=None, fuse=False) -> _Backward:
+                    keep_deltas=False, dh_end=None, d_out=None, fuse=False,
+                    steps=None) -> _Backward:
   """Backpropagates ∂L/∂h^L through all layers and steps (top layer first).
 
   Args:
@@ -133,7 +148,8 @@ def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_re
     T-deltas arriving from after the last step (checkpointed segments).
     d_out: None or δo [T, N, O] (unshifted); if given, the readout's
     ``ΔW_hy = Σ_t h^L_tᵀ δo_t`` is formed beside the top layer's gradients and
-    returned as ``W_hy``. fuse: see :func:`_weight_grads`.
+    returned as ``W_hy``. fuse: see :func:`_weight_grads`. steps: see
+    :func:`_reverse_scan`.
   """
   fprime = get_activation(params.activation).grad_from_output
   L = len(params.layers)
@@ -144,7 +160,7 @@ def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_re
     # Z[t-1] = δz_t, dz0 = δz_0
     Z, dz0, d_start[l], d_reset[l], deltas[l] = _reverse_scan(
         layer.W_hh, fprime, hs[l], g, g0, valid, reset, keep_deltas,
-        None if dh_end is None else dh_end[l])
+        None if dh_end is None else dh_end[l], steps)
     top = l == L - 1
     W_xh, W_hh, W_hy_top = _weight_grads(
         xs if l == 0 else hs[l - 1], hs[l], h_start[l], Z, dz0, reset,

@@ -64,8 +64,8 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
 
   def forward_body(h, inp):
     x, v, r = inp
-    hs = forward_layers(params, x, h, v, r, h_reset, inplace=True)
-    return tuple(s[-1] for s in hs), h              # keep the state at the segment's start
+    h_end = forward_layers(params, x, h, v, r, h_reset, inplace=True, steps=W, final_only=True)
+    return h_end, h              # keep the state at the segment's start
 
   _, starts = lax.scan(forward_body, h_start, (xs_s, valid_s, reset_s))
 
@@ -77,14 +77,14 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
   def backward_body(carry, inp):
     dh_next, g_layers, g_readout, d_reset = carry
     x, v, r, y, w, h0_seg = inp
-    hs = forward_layers(params, x, h0_seg, v, r, h_reset, inplace=True)   # recompute
+    hs = forward_layers(params, x, h0_seg, v, r, h_reset, inplace=True, steps=W)  # recompute
     w = jnp.ones(x.shape[:2], x.dtype) if unit else w
     value, d_out = _loss_and_output_grad(readout(params, hs[-1]), y, w, loss, batch, unit)
     scale = 1.0 / batch if unit else None
     g, g0, d_ro = readout_backward(params, hs[-1], d_out, scale=scale, W_hy_grad=False)
     # ΔW_hy is formed with the layers' weight gradients: one product per segment
     back = backward_layers(params, x, hs, h0_seg, g, g0, v, r, h_reset, dh_end=dh_next,
-                           d_out=None if d_ro is None else d_out, fuse=True)
+                           d_out=None if d_ro is None else d_out, fuse=True, steps=W)
     if d_ro is not None:
       d_ro = d_ro._replace(W_hy=back.W_hy if scale is None else back.W_hy * scale)
     if reset is not None:
@@ -135,7 +135,7 @@ def _window_starts(params, inp, win, k, h_reset):
 
   def body(h, inp_s):
     x, v, r, idx = inp_s
-    hs = forward_layers(params, x, h, v, r, h_reset, inplace=True)
+    hs = forward_layers(params, x, h, v, r, h_reset, inplace=True, steps=T)
     return tuple(s[-1] for s in hs), tuple(s[idx] for s in hs)   # [m, N, H] per layer
 
   _, picked = lax.scan(body, inp.h0, (seg(inp.xs), seg(valid, False), seg(inp.reset, False),
