@@ -84,3 +84,34 @@ def pairwise(factors: Dict[str, Sequence]) -> List[dict]:
 def covered_pairs(design, factors):
   return {(a, row[a], b, row[b]) for row in design
           for a, b in itertools.combinations(list(factors), 2)}
+
+
+# Every option of bptt once, on T = 24 steps of B = 3 sequences (the loop tests'
+# cases): "h0": random initial states, "resets": random resets, "loss_weights":
+# random weights, drawn by option_kwargs.
+OPTION_T, OPTION_B = 24, 3
+OPTION_CASES = {
+    "plain": {},
+    "h0": dict(h0=True, return_dh0=True),
+    "lengths+resets": dict(lengths=np.array([24, 9, 17]), resets=True, h0=True,
+                           return_dh0=True),
+    "loss_weights+xent": dict(loss_weights=True, loss="xent"),
+    "many_to_one": dict(many_to_one=True, lengths=np.array([5, 24, 12])),
+    "truncated": dict(tau_max=6, tau_b=4),
+    "checkpointed": dict(checkpoint_every=20, lengths=np.array([24, 20, 3])),
+}
+
+
+def option_kwargs(opt, hidden, seed, dtype=jnp.float64):
+  """bptt's keyword arguments for the case ``OPTION_CASES[opt]``."""
+  kw = dict(OPTION_CASES[opt])
+  rng = np.random.default_rng(seed)
+  if kw.pop("h0", False):
+    kw["h0"] = random_h0(seed, OPTION_B, hidden, dtype)
+  if kw.pop("resets", False):
+    kw["resets"] = jnp.asarray(rng.random((OPTION_T, OPTION_B)) < 0.15)
+  if kw.pop("loss_weights", False):
+    kw["loss_weights"] = jnp.asarray(rng.random((OPTION_T, OPTION_B)), dtype)
+  if "lengths" in kw:
+    kw["lengths"] = jnp.asarray(kw["lengths"])
+  return kw

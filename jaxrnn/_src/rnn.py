@@ -63,6 +63,68 @@ def set_step(a, x, t):
   return lax.dynamic_update_index_in_dim(a, x, t, 0, allow_negative_indices=False)
 
 
+def read_block(a, start, size: int):
+  """``a[start : start + size]`` for a loop index ``start >= 0`` (None stays None).
+
+  One step (``size == 1``) is read as :func:`at_step`, so that a loop of one
+  step per iteration is the same program as one written with it.
+  """
+  if a is None:
+    return None
+  if size == 1:
+    return at_step(a, start)[None]
+  return lax.dynamic_slice_in_dim(a, start, size, allow_negative_indices=False)
+
+
+def write_block(a, x, start):
+  """``a.at[start : start + len(x)].set(x)`` for ``start >= 0``; in place inside a loop."""
+  if x.shape[0] == 1:
+    return set_step(a, x[0], start)
+  return lax.dynamic_update_slice_in_dim(a, x, start, 0, allow_negative_indices=False)
+
+
+# Time steps per loop iteration where the caller leaves it open (unroll=None).
+# Measured with bptt on the benchmark grid: on a 2-core CPU one step per
+# iteration is fastest (2, 4 or 8 made it 1.0-2.2x slower). On an H100 each
+# step is a few kernel launches plus the loop's own overhead per iteration;
+# blocks of 16 steps (one read and one write of the [16, N, H] block, one
+# fused product per step) made it 1.7-3.0x faster (docs/performance.md).
+_GPU_UNROLL = 16
+
+
+def default_unroll(unroll=None) -> int:
+  """``unroll``, or where it is None the default of the backend JAX runs on (static)."""
+  if unroll is not None:
+    return unroll
+  return 1 if jax.default_backend() == "cpu" else _GPU_UNROLL
+
+
+def block_loop(n: int, unroll: int, block, carry, reverse: bool = False):
+  """``carry = block(start, size, carry)`` over the steps [0, n), ``unroll`` at a time.
+
+  The ``n % unroll`` steps that make no whole block go first, as one block
+  with a static start; then a loop over the ``n // unroll`` whole blocks
+  (``size = unroll``). ``block`` handles the steps of its block in order
+  (descending if ``reverse``), and the blocks come in order too: forward,
+  ``[0, n % unroll)`` first; with ``reverse``, ``[n - n % unroll, n)``
+  first and ``[0, unroll)`` last. (A block after the loop, on the loop's
+  result, made XLA copy the loop's [T, N, H] buffer.)
+  """
+  full, rest = divmod(n, unroll)
+  if not reverse:
+    if rest:
+      carry = block(0, rest, carry)
+    if full:
+      carry = lax.fori_loop(0, full, lambda i, c: block(rest + i * unroll, unroll, c), carry)
+    return carry
+  if rest:
+    carry = block(n - rest, rest, carry)
+  if full:
+    carry = lax.fori_loop(
+        0, full, lambda i, c: block(n - rest - unroll - i * unroll, unroll, c), carry)
+  return carry
+
+
 def masked_step(W_hh, f, h, xp_t, v_t=None, r_t=None, h_reset=None, matmul=None):
   """``h_t`` from ``h_{t-1}`` and the projected input, with the optional masks.
 
@@ -91,23 +153,25 @@ def masked_step(W_hh, f, h, xp_t, v_t=None, r_t=None, h_reset=None, matmul=None)
 _MATVEC_MAX = 8 * 32 * 32
 
 
-def is_small_product(W, n, T):
+def is_small_product(W, n, T, unroll=1):
   """Whether :func:`loop_matmul` runs ``[n, P] @ W`` as matrix-vector products (static).
 
   Also needs ``T >= 4 P``: the N copies of W then take at most a quarter of
-  the memory of one [T, N, Q] array.
+  the memory of one [T, N, Q] array; and one step per loop iteration
+  (``unroll == 1``): with blocks of steps, the reverse loop's store of a
+  block of these products' operands made XLA:CPU copy the whole buffer.
   """
-  return n > 1 and n * W.size <= _MATVEC_MAX and 4 * W.shape[0] <= T
+  return unroll == 1 and n > 1 and n * W.size <= _MATVEC_MAX and 4 * W.shape[0] <= T
 
 
-def loop_matmul(W, n, T):
+def loop_matmul(W, n, T, unroll=1):
   """``h -> h @ W`` for [n, P] rows inside a loop of T steps, W [P, Q] loop-invariant.
 
   Small products (:func:`is_small_product`) run as a batched matrix-vector
   product against a copy of W per row, made once outside the loop (n·P·Q
   floats); others as the plain product. Same values.
   """
-  if is_small_product(W, n, T):
+  if is_small_product(W, n, T, unroll):
     W_rows = jnp.broadcast_to(W, (n,) + W.shape)                 # [n, P, Q]
     return lambda h: jnp.einsum("np,npq->nq", h, W_rows)
   return lambda h: h @ W
@@ -137,7 +201,7 @@ def scan_layer(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
 
 
 def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None,
-                       b_h=None, steps=None):
+                       b_h=None, steps=None, unroll=1):
   """:func:`scan_layer` that overwrites its input: step t replaces ``xproj[t]`` by ``h_t``.
 
   Same values as :func:`scan_layer`, but the projections and the states share
@@ -147,18 +211,24 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
   ``b_h`` [H], if given, is added inside the step (``xproj`` then holds
   ``h^{l-1}_t W_xh`` only), which saves a pass over the [T, N, H] buffer.
   ``steps``: the sequence length for :func:`is_small_product` (default: this
-  loop's T; a checkpointed segment passes its whole window's).
+  loop's T; a checkpointed segment passes its whole window's). ``unroll``:
+  steps per loop iteration (:func:`block_loop`); each iteration reads its
+  block of projections at once and writes its block of states at once.
   """
-  matmul = loop_matmul(W_hh, h_start.shape[0], steps or xproj.shape[0])
+  matmul = loop_matmul(W_hh, h_start.shape[0], steps or xproj.shape[0], unroll)
 
-  def body(t, carry):
+  def block(t0, size, carry):
     h, buf = carry
-    xp_t = at_step(buf, t) if b_h is None else at_step(buf, t) + b_h[None, :]
-    h_new = masked_step(W_hh, f, h, xp_t, at_step(valid, t), at_step(reset, t), h_reset,
-                        matmul)
-    return h_new, set_step(buf, h_new, t)            # xproj[t] <- h_t
+    xp, v, r = read_block(buf, t0, size), read_block(valid, t0, size), read_block(reset, t0, size)
+    out = []
+    for j in range(size):
+      xp_t = xp[j] if b_h is None else xp[j] + b_h[None, :]
+      h = masked_step(W_hh, f, h, xp_t, None if v is None else v[j],
+                      None if r is None else r[j], h_reset, matmul)
+      out.append(h)
+    return h, write_block(buf, jnp.stack(out), t0)     # xproj[t] <- h_t
 
-  return lax.fori_loop(0, xproj.shape[0], body, (h_start, xproj))[1]
+  return block_loop(xproj.shape[0], unroll, block, (h_start, xproj))[1]
 
 
 def project(inp, layer: LayerParams, bias: bool = True):
@@ -168,28 +238,28 @@ def project(inp, layer: LayerParams, bias: bool = True):
 
 
 def scan_layer_final(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None,
-                     b_h=None, steps=None):
+                     b_h=None, steps=None, unroll=1):
   """The state after the last step only, ``[N, H]``: :func:`scan_layer_inplace` without its stores.
 
   For a checkpointed pass that keeps only every k-th state: the loop reads
   ``xproj`` and writes nothing per step.
   """
-  matmul = loop_matmul(W_hh, h_start.shape[0], steps or xproj.shape[0])
+  matmul = loop_matmul(W_hh, h_start.shape[0], steps or xproj.shape[0], unroll)
 
   def step(h, inp):
     xp_t, v_t, r_t = inp
     xp_t = xp_t if b_h is None else xp_t + b_h[None, :]
     return masked_step(W_hh, f, h, xp_t, v_t, r_t, h_reset, matmul), None
 
-  return lax.scan(step, h_start, (xproj, valid, reset))[0]
+  return lax.scan(step, h_start, (xproj, valid, reset), unroll=unroll)[0]
 
 
 def forward_layers(params, xs, h_start, valid=None, reset=None, h_reset=None, inplace=False,
-                   steps=None, final_only=False):
+                   steps=None, final_only=False, unroll=1):
   """All layers, bottom up. Returns a tuple of [T, N, H_l] hidden states.
 
   ``inplace=True`` uses :func:`scan_layer_inplace` (for the hand-written pass),
-  with ``steps`` (see there). ``final_only=True`` (with ``inplace``) returns
+  with ``steps`` and ``unroll`` (see there). ``final_only=True`` (with ``inplace``) returns
   only each layer's state after the last step, [N, H_l], and stores no
   states of the top layer.
   """
@@ -200,11 +270,11 @@ def forward_layers(params, xs, h_start, valid=None, reset=None, h_reset=None, in
     h_r = None if h_reset is None else h_reset[l]
     if inplace and final_only and l == L - 1:
       hs.append(scan_layer_final(layer.W_hh, f, project(inp, layer, bias=False), h_start[l],
-                                 valid, reset, h_r, layer.b_h, steps))
+                                 valid, reset, h_r, layer.b_h, steps, unroll))
       break
     if inplace:   # the bias is added inside the loop
       inp = scan_layer_inplace(layer.W_hh, f, project(inp, layer, bias=False), h_start[l],
-                               valid, reset, h_r, layer.b_h, steps)
+                               valid, reset, h_r, layer.b_h, steps, unroll)
     else:
       inp = scan_layer(layer.W_hh, f, project(inp, layer), h_start[l], valid, reset, h_r)
     hs.append(inp[-1] if final_only else inp)
