@@ -1,7 +1,8 @@
 """Property test over the whole option space: manual BPTT == autodiff (float64, rtol 1e-9).
 
 Everything that is static for ``jax.jit`` (sizes, activation, loss, readout,
-truncation, which optional arrays are given, checkpointing) is drawn from
+truncation, which optional arrays are given, checkpointing, time steps per
+loop iteration) is drawn from
 STRUCTURES, a pairwise covering design over those options: every value of
 every option, and every pair of values, appears. Everything dynamic (the
 parameter values, inputs, targets, h0, lengths, loss weights, reset patterns)
@@ -29,6 +30,7 @@ FACTORS = {
     "loss_weights": [False, True],
     "resets": [False, True],
     "checkpoint_every": [None, 2],
+    "unroll": [1, 4],       # time steps per loop iteration: whole and partial blocks
     "T": [1, 6],
     "B": [1, 3],
 }
@@ -84,7 +86,7 @@ def test_manual_equals_autodiff_everywhere(index, seed):
   s = STRUCTURES[index]
   params, xs, targets, kw = _draw_values(s, seed)
   value, grads, dh0 = jaxrnn.bptt(params, xs, targets, checkpoint_every=s["checkpoint_every"],
-                                  **kw)
+                                  unroll=s["unroll"], **kw)
   ref_value, ref_grads, ref_dh0 = jaxrnn.autodiff_bptt(params, xs, targets, **kw)
   np.testing.assert_allclose(value, ref_value, rtol=1e-9)
   assert_trees_close(grads, ref_grads, 1e-9, atol=1e-12, err=f"grads, structure {s}")
