@@ -36,8 +36,9 @@ def test_block_loop_visits_every_step_once_in_order(n, unroll, reverse):
 T, B, D, O = OPTION_T, OPTION_B, 3, 3
 
 
-@pytest.mark.parametrize("hidden", [(4,), (9, 3)])
-@pytest.mark.parametrize("unroll", [3, 16])     # 16: whole blocks and a remainder
+# 3: whole blocks (and a partial one in the reverse loop); 16: one whole block
+# and a partial one in each loop, through two layers
+@pytest.mark.parametrize("unroll,hidden", [(3, (4,)), (16, (9, 3))])
 @pytest.mark.parametrize("opt", list(OPTION_CASES))
 def test_unrolled_equals_autodiff(opt, unroll, hidden):
   seed = 5 + len(hidden)
