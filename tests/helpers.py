@@ -59,6 +59,20 @@ def assert_trees_close(actual, expected, rtol, atol=0.0, err=""):
                                err_msg=f"{err} at {jax.tree_util.keystr(path_a[0])}")
 
 
+def assert_bptt_equals_autodiff(params, xs, targets, err="", **kw):
+  """``bptt(**kw)`` against ``autodiff_bptt`` of the same loss, float64 tolerance.
+
+  The options that change how bptt computes, not what (``checkpoint_every``,
+  ``unroll``, ``fused``), are bptt's alone.
+  """
+  got = jaxrnn.bptt(params, xs, targets, **kw)
+  for how in ("checkpoint_every", "unroll", "fused"):
+    kw.pop(how, None)
+  want = jaxrnn.autodiff_bptt(params, xs, targets, **kw)
+  np.testing.assert_allclose(got[0], want[0], rtol=RTOL[jnp.float64])
+  assert_trees_close(got[1:], want[1:], RTOL[jnp.float64], err=err)
+
+
 def pairwise(factors: Dict[str, Sequence]) -> List[dict]:
   """A greedy covering array: every pair of values of every two factors appears.
 

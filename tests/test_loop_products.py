@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import jaxrnn
-from helpers import (OPTION_B, OPTION_CASES, OPTION_T, RTOL, assert_trees_close,
+from helpers import (OPTION_B, OPTION_CASES, OPTION_T, RTOL, assert_bptt_equals_autodiff,
+                     assert_trees_close,
                      make_problem, option_kwargs)
 from jaxrnn._src import rnn
 
@@ -50,11 +51,8 @@ def test_manual_equals_autodiff_on_the_matrix_vector_path(opt, hidden):
   params, xs, targets = make_problem(seed, T=T, B=B, D=D, hidden=hidden, O=O,
                                      loss=kw.get("loss", "mse"),
                                      many_to_one=kw.get("many_to_one", False))
-  got = jaxrnn.bptt(params, xs, targets, unroll=1, **kw)   # the path on every backend
-  kw.pop("checkpoint_every", None)
-  want = jaxrnn.autodiff_bptt(params, xs, targets, **kw)
-  np.testing.assert_allclose(got[0], want[0], rtol=RTOL[jnp.float64])
-  assert_trees_close(got[1:], want[1:], RTOL[jnp.float64], err=opt)
+  # one step per iteration: the path on every backend
+  assert_bptt_equals_autodiff(params, xs, targets, opt, unroll=1, **kw)
 
 
 def test_float32_on_the_matrix_vector_path():

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import jaxrnn
-from helpers import (OPTION_B, OPTION_CASES, OPTION_T, RTOL, assert_trees_close,
+from helpers import (OPTION_B, OPTION_CASES, OPTION_T, RTOL, assert_bptt_equals_autodiff,
+                     assert_trees_close,
                      make_problem, option_kwargs)
 from jaxrnn._src import rnn
 
@@ -46,11 +47,7 @@ def test_unrolled_equals_autodiff(opt, unroll, hidden):
   params, xs, targets = make_problem(seed, T=T, B=B, D=D, hidden=hidden, O=O,
                                      loss=kw.get("loss", "mse"),
                                      many_to_one=kw.get("many_to_one", False))
-  got = jaxrnn.bptt(params, xs, targets, unroll=unroll, **kw)
-  kw.pop("checkpoint_every", None)
-  want = jaxrnn.autodiff_bptt(params, xs, targets, **kw)
-  np.testing.assert_allclose(got[0], want[0], rtol=RTOL[jnp.float64])
-  assert_trees_close(got[1:], want[1:], RTOL[jnp.float64], err=f"{opt}, unroll={unroll}")
+  assert_bptt_equals_autodiff(params, xs, targets, f"{opt}, unroll={unroll}", unroll=unroll, **kw)
 
 
 def test_unrolled_single_sequence_and_float32():

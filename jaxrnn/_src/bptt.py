@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrnn._src import checks, windows
+from jaxrnn._src import checks, kernels, windows
 from jaxrnn._src.activations import get_activation
 from jaxrnn._src.params import LayerParams, Readout, RNNParams
 from jaxrnn._src.rnn import (at_step, block_loop, default_unroll, forward_layers,
@@ -53,7 +53,7 @@ class _Backward(NamedTuple):
 
 
 def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=None,
-                  steps=None, unroll=1):
+                  steps=None, unroll=1, fused=False):
   """Delta recursion through time for one layer, a reverse loop carrying only δ.
 
   Everything is one step "shifted": slot t-1 of ``g`` holds ∂ℓ/∂h_t, and the
@@ -73,6 +73,9 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
     steps: the sequence length for ``rnn.is_small_product`` (None: T).
     unroll: steps per loop iteration (``rnn.block_loop``); an iteration
       reads its block of g, h and masks at once and writes its δz at once.
+    fused: run the loop (not δh, ``keep_deltas``) as one kernel where
+      ``kernels.use_fused`` says so (False: never; None: on a GPU where the
+      loop qualifies).
 
   Returns:
     Z [T, N, H] (``Z[t-1] = δz_t``, ``Z[T-1] = 0``; the buffer of ``g``);
@@ -80,10 +83,12 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
     [N, H] (or None); δh [T, N, H] (or None).
   """
   T = hs.shape[0]
+  one_kernel = not keep_deltas and kernels.use_fused(
+      fused, *hs.shape[1:], hs.dtype, valid is not None or reset is not None)
   # With N = 1, XLA copies a [T, 1, H] loop buffer at every step instead of
   # updating it in place (measured: 20x slower), so the single sequence runs
   # on [T, H] buffers and [H] vectors.
-  squeeze = hs.shape[1] == 1
+  squeeze = hs.shape[1] == 1 and not one_kernel
   flat = (lambda a: None if a is None else a[:, 0]) if squeeze else (lambda a: a)
   col = (lambda m: m) if squeeze else (lambda m: m[:, None])   # a mask against [.., H]
   hs_, valid_, reset_ = flat(hs), flat(valid), flat(reset)
@@ -134,7 +139,11 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
   zeros = jnp.zeros(flat(g).shape[1:], g.dtype)
   init = (zeros if dh_end is None else flat(dh_end[None])[0], None if reset is None else zeros,
           flat(g), jnp.zeros_like(flat(g)) if keep_deltas else None)
-  dh_next, dh_reset, Z, deltas = block_loop(T - 1, unroll, block, init, reverse=True)
+  if one_kernel:   # no masks, no δh: only the T-delta and Z come out
+    Z, dh_next = kernels.reverse_loop(W_hh, fprime, hs, g, init[0])
+    dh_reset = deltas = None
+  else:
+    dh_next, dh_reset, Z, deltas = block_loop(T - 1, unroll, block, init, reverse=True)
   v_0, r_0 = (None if a is None else a[0] for a in (valid_, reset_))
   dh, dz0 = local(hs_[0], v_0, flat(g0[None])[0], dh_next)
   d_start, dh_reset = back(v_0, r_0, dh, dz0, dh_reset)
@@ -149,7 +158,7 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
 
 def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_reset=None,
                     keep_deltas=False, dh_end=None, d_out=None, fuse=False,
-                    steps=None, unroll=1) -> _Backward:
+                    steps=None, unroll=1, fused=False) -> _Backward:
   """Backpropagates ∂L/∂h^L through all layers and steps (top layer first).
 
   Args:
@@ -162,8 +171,8 @@ def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_re
     T-deltas arriving from after the last step (checkpointed segments).
     d_out: None or δo [T, N, O] (unshifted); if given, the readout's
     ``ΔW_hy = Σ_t h^L_tᵀ δo_t`` is formed beside the top layer's gradients and
-    returned as ``W_hy``. fuse: see :func:`_weight_grads`. steps, unroll: see
-    :func:`_reverse_scan`.
+    returned as ``W_hy``. fuse: see :func:`_weight_grads`. steps, unroll,
+    fused: see :func:`_reverse_scan`.
   """
   fprime = get_activation(params.activation).grad_from_output
   L = len(params.layers)
@@ -174,7 +183,7 @@ def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_re
     # Z[t-1] = δz_t, dz0 = δz_0
     Z, dz0, d_start[l], d_reset[l], deltas[l] = _reverse_scan(
         layer.W_hh, fprime, hs[l], g, g0, valid, reset, keep_deltas,
-        None if dh_end is None else dh_end[l], steps, unroll)
+        None if dh_end is None else dh_end[l], steps, unroll, fused)
     top = l == L - 1
     W_xh, W_hh, W_hy_top = _weight_grads(
         xs if l == 0 else hs[l - 1], hs[l], h_start[l], Z, dz0, reset,
@@ -369,16 +378,17 @@ class ManualResult(NamedTuple):
 
 
 def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False,
-                unroll: int = 1):
+                unroll: int = 1, fused=False):
   """Loss, gradients, ∂L/∂h0 and (optionally) δh of every layer and step.
 
   ``unroll``: time steps per iteration of every loop (``rnn.block_loop``).
+  ``fused``: which loops run as one kernel (``kernels.use_fused``).
   """
   T, B = inp.xs.shape[:2]
   h_reset = inp.h0 if inp.h_reset is None else inp.h_reset
   resets_reach_h0 = inp.h_reset is None
   hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, h_reset, inplace=True,
-                      unroll=unroll)
+                      unroll=unroll, fused=fused)
   out = readout(params, hs[-1])
   unit = inp.unit_weights
   value, d_out = _loss_and_output_grad(out, inp.targets, inp.weights, loss, B, unit)
@@ -388,7 +398,7 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
 
   if not truncated:
     back = backward_layers(params, inp.xs, hs, inp.h0, g, g0, inp.valid, inp.reset, h_reset,
-                           keep_deltas, unroll=unroll)
+                           keep_deltas, unroll=unroll, fused=fused)
     dh0 = tuple(s if r is None or not resets_reach_h0 else s + r
                 for s, r in zip(back.dh_start, back.dh_reset))
     deltas = back.deltas
@@ -406,7 +416,7 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
         params, xs_w,
         tuple(windows.gather(h, win, pad=h_0) for h, h_0 in zip(hs, inp.h0)),
         tuple(windows.start_states(h, h_0, win) for h, h_0 in zip(hs, inp.h0)),
-        own_g, own_g0, valid_w, reset_w, h_reset_w, keep_deltas, unroll=unroll)
+        own_g, own_g0, valid_w, reset_w, h_reset_w, keep_deltas, unroll=unroll, fused=fused)
     reaches_h0 = jnp.asarray(win.from_start)[:, None, None]  # [C, 1, 1]
     dh0 = []
     for s, r in zip(back.dh_start, back.dh_reset):
@@ -432,17 +442,17 @@ def _scatter_windows(d, win, T):
 _OPTIONS = ("loss", "many_to_one", "tau_max", "tau_b", "return_dh0", "checkpoint_every")
 
 
-@functools.partial(jax.jit, static_argnames=_OPTIONS + ("keep_deltas", "unroll"))
+@functools.partial(jax.jit, static_argnames=_OPTIONS + ("keep_deltas", "unroll", "fused"))
 def _bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths,
-          loss_weights, resets, return_dh0, keep_deltas, checkpoint_every, unroll):
+          loss_weights, resets, return_dh0, keep_deltas, checkpoint_every, unroll, fused):
   inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                        lengths=lengths, loss_weights=loss_weights, resets=resets,
                        tau_max=tau_max, tau_b=tau_b)
   if checkpoint_every is None:
-    res = manual_bptt(params, inp, loss, keep_deltas, unroll)
+    res = manual_bptt(params, inp, loss, keep_deltas, unroll, fused)
   else:
     from jaxrnn._src.checkpoint import checkpointed_bptt  # imports this module
-    res = checkpointed_bptt(params, inp, loss, checkpoint_every, unroll)
+    res = checkpointed_bptt(params, inp, loss, checkpoint_every, unroll, fused)
   if keep_deltas:
     return res.deltas
   return (res.loss, res.grads, res.dh0) if return_dh0 else (res.loss, res.grads)
@@ -450,7 +460,7 @@ def _bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths
 
 def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max=None,
          tau_b=None, lengths=None, loss_weights=None, resets=None, return_dh0=False,
-         checkpoint_every=None, unroll=None):
+         checkpoint_every=None, unroll=None, fused=None):
   """Loss and gradients by hand-written backpropagation through time.
 
   ``bptt :: (params, [T,B,D], targets) -> (scalar, grads like params)``.
@@ -500,6 +510,15 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
       once. None: 1 on CPU, where that is fastest, and 16 on other
       backends, where every loop iteration has a fixed launch cost (on an
       H100, 1.7-3.0x faster than 1; see README, "On a GPU").
+    fused: None, True or False (static): run a loop as one GPU kernel
+      (Pallas, Triton backend) that keeps W_hh on chip and does all T steps
+      itself. None: on a GPU, each loop that qualifies (no ``lengths`` or
+      ``resets``; float32/float64; batch and width powers of two,
+      16 <= H <= 64, B·H² <= 16·64²; on an H100 2.5-4x faster per step
+      than 16 steps per iteration); other loops and other backends keep
+      the XLA loops. True: every loop, or a ValueError saying why one
+      can't (on a CPU the kernel runs in Pallas's interpreter: for tests,
+      slow). False: never.
 
   Returns:
     ``(loss, grads)``, with ``grads`` structured like ``params``; or
@@ -514,10 +533,11 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
   tau_max, tau_b = checks.static_options(xs, loss, many_to_one, tau_max, tau_b)
   checkpoint_every = checks.check_int_option("checkpoint_every", checkpoint_every)
   unroll = default_unroll(checks.check_int_option("unroll", unroll))
+  fused = checks.check_optional_bool("fused", fused)
   return _bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
                resets=resets, return_dh0=return_dh0, keep_deltas=False,
-               checkpoint_every=checkpoint_every, unroll=unroll)
+               checkpoint_every=checkpoint_every, unroll=unroll, fused=fused)
 
 
 def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
@@ -534,4 +554,4 @@ def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=No
   return _bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
                resets=resets, return_dh0=False, keep_deltas=True, checkpoint_every=None,
-               unroll=default_unroll())
+               unroll=default_unroll(), fused=False)

@@ -43,14 +43,15 @@ def _add(a, b):
 
 
 def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset, k, loss,
-                    batch, unit_weights=False, unroll=1):
+                    batch, unit_weights=False, unroll=1, fused=False):
   """Checkpointed loss and gradients over one window of W steps.
 
   Args:
     xs [W, N, D]; valid/reset [W, N] bool or None; targets/weights per step;
     h_start, h_reset: tuples of [N, H_l]; k: segment length; batch: the B the
     loss is averaged over; unit_weights: static, every weight is 1; unroll:
-    time steps per iteration of the loops inside each segment.
+    time steps per iteration of the loops inside each segment; fused: which
+    of those loops run as one kernel (``kernels.use_fused``).
 
   Returns:
     ``(loss, layer grads, readout grads, dL/dh_start, dL/dh_reset or None)``.
@@ -80,7 +81,7 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
     dh_next, g_layers, g_readout, d_reset = carry
     x, v, r, y, w, h0_seg = inp
     hs = forward_layers(params, x, h0_seg, v, r, h_reset, inplace=True, steps=W,
-                        unroll=unroll)                                # recompute
+                        unroll=unroll, fused=fused)                   # recompute
     w = jnp.ones(x.shape[:2], x.dtype) if unit else w
     value, d_out = _loss_and_output_grad(readout(params, hs[-1]), y, w, loss, batch, unit)
     scale = 1.0 / batch if unit else None
@@ -88,7 +89,7 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
     # ΔW_hy is formed with the layers' weight gradients: one product per segment
     back = backward_layers(params, x, hs, h0_seg, g, g0, v, r, h_reset, dh_end=dh_next,
                            d_out=None if d_ro is None else d_out, fuse=True, steps=W,
-                           unroll=unroll)
+                           unroll=unroll, fused=fused)
     if d_ro is not None:
       d_ro = d_ro._replace(W_hy=back.W_hy if scale is None else back.W_hy * scale)
     if reset is not None:
@@ -103,7 +104,7 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
 
 
 def checkpointed_bptt(params, inp: checks.Inputs, loss: str, k: int,
-                      unroll: int = 1) -> ManualResult:
+                      unroll: int = 1, fused=False) -> ManualResult:
   """Same result as :func:`jaxrnn._src.bptt.manual_bptt`, in O((T/k + k) B H) memory."""
   T, B = inp.xs.shape[:2]
   h_reset = inp.h0 if inp.h_reset is None else inp.h_reset
@@ -111,14 +112,14 @@ def checkpointed_bptt(params, inp: checks.Inputs, loss: str, k: int,
   if inp.truncation is None:
     value, g_layers, g_readout, dh_start, d_reset = window_backward(
         params, inp.xs, inp.valid, inp.reset, inp.targets, inp.weights, inp.h0, h_reset,
-        min(k, T), loss, B, inp.unit_weights, unroll)
+        min(k, T), loss, B, inp.unit_weights, unroll, fused)
     dh0 = dh_start if d_reset is None or not reach_h0 else _add(dh_start, d_reset)
     return ManualResult(value, RNNParams(g_layers, g_readout, params.activation), dh0,
                         (None,) * len(params.layers), None)
-  return _truncated(params, inp, loss, k, h_reset, reach_h0, unroll)
+  return _truncated(params, inp, loss, k, h_reset, reach_h0, unroll, fused)
 
 
-def _window_starts(params, inp, win, k, h_reset, unroll):
+def _window_starts(params, inp, win, k, h_reset, unroll, fused):
   """States before each chunk's window, from one checkpointed forward pass.
 
   Returns a tuple of [C, N, H_l]: ``h_{s_c - 1}`` (h0 where the window
@@ -140,7 +141,8 @@ def _window_starts(params, inp, win, k, h_reset, unroll):
 
   def body(h, inp_s):
     x, v, r, idx = inp_s
-    hs = forward_layers(params, x, h, v, r, h_reset, inplace=True, steps=T, unroll=unroll)
+    hs = forward_layers(params, x, h, v, r, h_reset, inplace=True, steps=T, unroll=unroll,
+                        fused=fused)
     return tuple(s[-1] for s in hs), tuple(s[idx] for s in hs)   # [m, N, H] per layer
 
   _, picked = lax.scan(body, inp.h0, (seg(inp.xs), seg(valid, False), seg(inp.reset, False),
@@ -155,11 +157,11 @@ def _window_starts(params, inp, win, k, h_reset, unroll):
   return tuple(starts)
 
 
-def _truncated(params, inp, loss, k, h_reset, reach_h0, unroll):
+def _truncated(params, inp, loss, k, h_reset, reach_h0, unroll, fused):
   T, B = inp.xs.shape[:2]
   win = windows.make_windows(T, inp.truncation)
   W = win.steps.shape[1]
-  starts = _window_starts(params, inp, win, k, h_reset, unroll)
+  starts = _window_starts(params, inp, win, k, h_reset, unroll, fused)
   # Front-pad by W steps so every window is one dynamic slice (padded steps are frozen).
   pad = lambda a, fill: None if a is None else jnp.concatenate(
       [jnp.full((W,) + a.shape[1:], fill, a.dtype), a], axis=0)
@@ -176,7 +178,7 @@ def _truncated(params, inp, loss, k, h_reset, reach_h0, unroll):
     value, gl, gr, d_start, d_reset = window_backward(
         params, cut(xs_p), cut(valid_p), cut(reset_p), cut(targets_p),
         cut(weights_p) * own[c][:, None], tuple(s[c] for s in starts), h_reset,
-        min(k, W), loss, B, unroll=unroll)
+        min(k, W), loss, B, unroll=unroll, fused=fused)
     d = tuple(jnp.where(from_start[c], s, 0) for s in d_start)  # cut windows: constant start
     if d_reset is not None and reach_h0:
       d = _add(d, d_reset)

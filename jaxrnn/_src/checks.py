@@ -101,6 +101,13 @@ def check_int_option(name: str, value, *, allow_none: bool = True) -> Optional[i
   return int(value)
 
 
+def check_optional_bool(name: str, value) -> Optional[bool]:
+  """Checks a static option that is None, True or False."""
+  if value is None or isinstance(value, (bool, np.bool_)):
+    return None if value is None else bool(value)
+  raise ValueError(f"{name} must be None, True or False; got {value!r} ({type(value).__name__}).")
+
+
 class Truncation(NamedTuple):
   """Normalised truncation: chunks of ``tau_b`` steps, windows of ``window``."""
   tau_b: int

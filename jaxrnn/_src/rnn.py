@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrnn._src import checks
+from jaxrnn._src import checks, kernels
 from jaxrnn._src.activations import get_activation
 from jaxrnn._src.params import LayerParams
 
@@ -201,7 +201,7 @@ def scan_layer(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
 
 
 def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None,
-                       b_h=None, steps=None, unroll=1):
+                       b_h=None, steps=None, unroll=1, fused=False):
   """:func:`scan_layer` that overwrites its input: step t replaces ``xproj[t]`` by ``h_t``.
 
   Same values as :func:`scan_layer`, but the projections and the states share
@@ -214,7 +214,11 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
   loop's T; a checkpointed segment passes its whole window's). ``unroll``:
   steps per loop iteration (:func:`block_loop`); each iteration reads its
   block of projections at once and writes its block of states at once.
+  ``fused``: run the loop as one kernel where :func:`kernels.use_fused` says
+  so (False: never; None: on a GPU where the loop qualifies).
   """
+  if kernels.use_fused(fused, *h_start.shape, xproj.dtype, valid is not None or reset is not None):
+    return kernels.forward_loop(W_hh, f, xproj, h_start, b_h)
   matmul = loop_matmul(W_hh, h_start.shape[0], steps or xproj.shape[0], unroll)
 
   def block(t0, size, carry):
@@ -255,11 +259,11 @@ def scan_layer_final(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=No
 
 
 def forward_layers(params, xs, h_start, valid=None, reset=None, h_reset=None, inplace=False,
-                   steps=None, final_only=False, unroll=1):
+                   steps=None, final_only=False, unroll=1, fused=False):
   """All layers, bottom up. Returns a tuple of [T, N, H_l] hidden states.
 
   ``inplace=True`` uses :func:`scan_layer_inplace` (for the hand-written pass),
-  with ``steps`` and ``unroll`` (see there). ``final_only=True`` (with ``inplace``) returns
+  with ``steps``, ``unroll`` and ``fused`` (see there). ``final_only=True`` (with ``inplace``) returns
   only each layer's state after the last step, [N, H_l], and stores no
   states of the top layer.
   """
@@ -274,7 +278,7 @@ def forward_layers(params, xs, h_start, valid=None, reset=None, h_reset=None, in
       break
     if inplace:   # the bias is added inside the loop
       inp = scan_layer_inplace(layer.W_hh, f, project(inp, layer, bias=False), h_start[l],
-                               valid, reset, h_r, layer.b_h, steps, unroll)
+                               valid, reset, h_r, layer.b_h, steps, unroll, fused)
     else:
       inp = scan_layer(layer.W_hh, f, project(inp, layer), h_start[l], valid, reset, h_r)
     hs.append(inp[-1] if final_only else inp)
