@@ -8,6 +8,8 @@ by Triton. The rest of the suite runs ``fused=None``: XLA loops on a CPU, and
 on a GPU the kernel wherever a loop qualifies.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,10 +72,11 @@ def test_kernels_match_the_xla_loops(steps):
   W, h0, b, xp, g, dh_end = arr(H, H) / 4, arr(N, H), arr(H), arr(steps, N, H), arr(
       steps, N, H), arr(N, H)
   act = get_activation("tanh")
-  hs = kernels.forward_loop(W, act.fn, xp, h0, b)
+  hs = kernels.forward_loop(functools.partial(rnn.masked_step, None, act.fn), W, xp, h0, b)
   np.testing.assert_allclose(hs, rnn.scan_layer(W, act.fn, xp + b[None, None, :], h0), rtol=1e-12)
 
-  Z, dh_1 = kernels.reverse_loop(W, act.grad_from_output, hs, g, dh_end)
+  delta = lambda h_t, g_t, dh_next: (g_t + dh_next) * act.grad_from_output(h_t)
+  Z, dh_1 = kernels.reverse_loop(delta, W, hs, g, dh_end)
   dh_next, want = dh_end, np.asarray(g).copy()
   for t in range(steps - 1, 0, -1):
     dz = (g[t - 1] + dh_next) * (1 - hs[t] ** 2)

@@ -140,7 +140,8 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
   init = (zeros if dh_end is None else flat(dh_end[None])[0], None if reset is None else zeros,
           flat(g), jnp.zeros_like(flat(g)) if keep_deltas else None)
   if one_kernel:   # no masks, no δh: only the T-delta and Z come out
-    Z, dh_next = kernels.reverse_loop(W_hh, fprime, hs, g, init[0])
+    delta = lambda h_t, g_t, dh_next: local(h_t, None, g_t, dh_next)[1]   # δz_t
+    Z, dh_next = kernels.reverse_loop(delta, W_hh, hs, g, init[0])
     dh_reset = deltas = None
   else:
     dh_next, dh_reset, Z, deltas = block_loop(T - 1, unroll, block, init, reverse=True)

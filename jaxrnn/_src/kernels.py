@@ -17,6 +17,10 @@ through ``input_output_aliases``)::
     reverse, t = T-1 .. 1:        δh_t = g[t-1] + δz_{t+1} W_hhᵀ
                                   δz_t = δh_t ⊙ f'(z_t)                   buf[t-1]: g -> δz_t
 
+The step's math is the callers' own (``rnn.masked_step`` and the reverse
+scan's ``local``), passed in as a function; a kernel adds the loop, the
+reads and writes of its buffers, and the product with W_hh it holds.
+
 Only loops without masks (``lengths``, ``resets``) are fused, for float32
 and float64 states whose batch N and width H are powers of two (Triton's
 blocks), 16 ≤ H ≤ 64 and N·H² ≤ 16·64² (the loop's matrix stays in
@@ -99,60 +103,64 @@ def _call(kernel, out_shape, aliases, *args):
                         **params)(*args)
 
 
-def _forward_kernel(buf_ref, h0_ref, W_ref, b_ref, hs_ref, *, f, precision):
+def _forward_kernel(buf_ref, h0_ref, W_ref, b_ref, hs_ref, *, cell, precision):
   W, b = W_ref[...], b_ref[...]
+  times_W = lambda h: _times(h, W, precision)
 
   def step(t, h):
-    h = f(buf_ref[t] + b + _times(h, W, precision))   # h_t = f(xp_t + b_h + h_{t-1} W_hh)
+    h = cell(h, buf_ref[t] + b, matmul=times_W)       # h_t from h_{t-1} and xp_t + b_h
     hs_ref[t] = h                                     # buf[t]: xp_t -> h_t
     return h
 
   lax.fori_loop(0, buf_ref.shape[0], step, h0_ref[...])
 
 
-def forward_loop(W_hh, f, xproj, h_start, b_h=None):
+def forward_loop(cell, W_hh, xproj, h_start, b_h=None):
   """:func:`rnn.scan_layer_inplace` without masks, as one kernel.
 
   Args:
-    W_hh: [H, H]. f: the activation. xproj: [T, N, H] input projections,
-      overwritten by the states. h_start: [N, H]. b_h: [H] or None.
+    cell: ``cell(h_{t-1}, xp_t + b_h, matmul=...) -> h_t`` [N, H], with
+      ``matmul(h) = h @ W_hh`` given by the kernel (``rnn.masked_step``).
+    W_hh: [H, H]. xproj: [T, N, H] input projections, overwritten by the
+      states. h_start: [N, H]. b_h: [H] or None.
 
   Returns:
     hs: [T, N, H], in the buffer of ``xproj``.
   """
   b = jnp.zeros_like(h_start[:1]) if b_h is None else b_h[None, :].astype(xproj.dtype)
-  kernel = functools.partial(_forward_kernel, f=f, precision=_precision())
+  kernel = functools.partial(_forward_kernel, cell=cell, precision=_precision())
   return _call(kernel, jax.ShapeDtypeStruct(xproj.shape, xproj.dtype), {0: 0},
                xproj, h_start, W_hh, b)
 
 
-def _reverse_kernel(hs_ref, buf_ref, W_T_ref, dh_end_ref, Z_ref, dh_next_ref, *, fprime,
+def _reverse_kernel(hs_ref, buf_ref, W_T_ref, dh_end_ref, Z_ref, dh_next_ref, *, delta,
                     precision):
   W_T, T = W_T_ref[...], hs_ref.shape[0]
 
   def step(i, dh_next):
     s = T - 2 - i                                     # slot s = t - 1 of step t = T-1-i
-    dh = buf_ref[s] + dh_next                         # δh_t = ∂ℓ/∂h_t + T-delta from t+1
-    dz = dh if fprime is None else dh * fprime(hs_ref[s + 1])  # δz_t = δh_t ⊙ f'(z_t)
+    g_t = buf_ref[s]                                  # ∂ℓ/∂h_t
+    dz = delta(hs_ref[s + 1], g_t, dh_next)           # δz_t from h_t, ∂ℓ/∂h_t and the T-delta
     Z_ref[s] = dz                                     # slot t-1: ∂ℓ/∂h_t -> δz_t
     return _times(dz, W_T, precision)                 # T-delta δz_t W_hhᵀ to step t-1
 
   dh_next_ref[...] = lax.fori_loop(0, T - 1, step, dh_end_ref[...])
 
 
-def reverse_loop(W_hh, fprime, hs, g, dh_end):
+def reverse_loop(delta, W_hh, hs, g, dh_end):
   """The reverse loop of ``bptt._reverse_scan`` (steps T-1 .. 1) without masks, as one kernel.
 
   Args:
-    W_hh: [H, H]. fprime: f' as a function of h (None: f' = 1).
-    hs: [T, N, H] states. g: [T, N, H], ``g[t-1] = ∂ℓ/∂h_t``, overwritten.
-    dh_end: [N, H] T-delta from after the last step.
+    delta: ``delta(h_t, ∂ℓ/∂h_t, δz_{t+1} W_hhᵀ) -> δz_t`` [N, H] (the
+      reverse scan's ``local``).
+    W_hh: [H, H]. hs: [T, N, H] states. g: [T, N, H], ``g[t-1] = ∂ℓ/∂h_t``,
+      overwritten. dh_end: [N, H] T-delta from after the last step.
 
   Returns:
     ``(Z, dh_1)``: Z [T, N, H] in the buffer of ``g`` (``Z[t-1] = δz_t`` for
     t ≥ 1, ``Z[T-1] = g[T-1]``), and the T-delta ``δz_1 W_hhᵀ`` for step 0
     (``dh_end`` if T = 1).
   """
-  kernel = functools.partial(_reverse_kernel, fprime=fprime, precision=_precision())
+  kernel = functools.partial(_reverse_kernel, delta=delta, precision=_precision())
   out = (jax.ShapeDtypeStruct(g.shape, g.dtype), jax.ShapeDtypeStruct(dh_end.shape, g.dtype))
   return _call(kernel, out, {1: 0}, hs, g, W_hh.T, dh_end)

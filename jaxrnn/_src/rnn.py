@@ -218,7 +218,8 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
   so (False: never; None: on a GPU where the loop qualifies).
   """
   if kernels.use_fused(fused, *h_start.shape, xproj.dtype, valid is not None or reset is not None):
-    return kernels.forward_loop(W_hh, f, xproj, h_start, b_h)
+    return kernels.forward_loop(functools.partial(masked_step, None, f), W_hh, xproj,
+                                h_start, b_h)
   matmul = loop_matmul(W_hh, h_start.shape[0], steps or xproj.shape[0], unroll)
 
   def block(t0, size, carry):
