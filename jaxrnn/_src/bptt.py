@@ -39,9 +39,9 @@ from jax import lax
 from jaxrnn._src import checks, kernels, windows
 from jaxrnn._src.activations import get_activation
 from jaxrnn._src.params import LayerParams, Readout, RNNParams
-from jaxrnn._src.rnn import (at_step, block_loop, default_unroll, forward_layers,
-                             is_small_product, log_softmax, loop_matmul, read_block, readout,
-                             set_step, step_losses, weighted_total, write_block)
+from jaxrnn._src.rnn import (LoopPlan, at_step, block_loop, default_unroll, forward_layers,
+                             log_softmax, read_block, readout, set_step, step_losses,
+                             weighted_total, write_block)
 
 
 class _Backward(NamedTuple):
@@ -53,7 +53,7 @@ class _Backward(NamedTuple):
 
 
 def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=None,
-                  steps=None, unroll=1, fused=False):
+                  plan=LoopPlan()):
   """Delta recursion through time for one layer, a reverse loop carrying only δ.
 
   Everything is one step "shifted": slot t-1 of ``g`` holds ∂ℓ/∂h_t, and the
@@ -70,12 +70,9 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
     g0: [N, H] the same for step 0.
     dh_end: [N, H] T-delta arriving from the step after the last (None:
       zero), for segment-by-segment backward passes.
-    steps: the sequence length for ``rnn.is_small_product`` (None: T).
-    unroll: steps per loop iteration (``rnn.block_loop``); an iteration
-      reads its block of g, h and masks at once and writes its δz at once.
-    fused: run the loop (not δh, ``keep_deltas``) as one kernel where
-      ``kernels.use_fused`` says so (False: never; None: on a GPU where the
-      loop qualifies).
+    plan: how the loop runs (``rnn.LoopPlan``): one kernel (not with
+      ``keep_deltas``), or ``plan.unroll`` steps per iteration, each reading
+      its block of g, h and masks at once and writing its δz at once.
 
   Returns:
     Z [T, N, H] (``Z[t-1] = δz_t``, ``Z[T-1] = 0``; the buffer of ``g``);
@@ -83,8 +80,8 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
     [N, H] (or None); δh [T, N, H] (or None).
   """
   T = hs.shape[0]
-  one_kernel = not keep_deltas and kernels.use_fused(
-      fused, *hs.shape[1:], hs.dtype, valid is not None or reset is not None)
+  one_kernel = not keep_deltas and plan.one_kernel(
+      *hs.shape[1:], hs.dtype, valid is not None or reset is not None)
   # With N = 1, XLA copies a [T, 1, H] loop buffer at every step instead of
   # updating it in place (measured: 20x slower), so the single sequence runs
   # on [T, H] buffers and [H] vectors.
@@ -92,8 +89,8 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
   flat = (lambda a: None if a is None else a[:, 0]) if squeeze else (lambda a: a)
   col = (lambda m: m) if squeeze else (lambda m: m[:, None])   # a mask against [.., H]
   hs_, valid_, reset_ = flat(hs), flat(valid), flat(reset)
-  times_W_hh_T = loop_matmul(W_hh.T, hs.shape[1], steps or T, unroll)
-  read_back = is_small_product(W_hh.T, hs.shape[1], steps or T, unroll)
+  times_W_hh_T = plan.matmul(W_hh.T, hs.shape[1], T)
+  read_back = plan.small_product(W_hh.T, hs.shape[1], T)
 
   def local(h_t, v_t, g_t, dh_next):
     dh = g_t + dh_next                             # δh_t = ∂ℓ/∂h_t + T-delta from t+1
@@ -144,7 +141,7 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
     Z, dh_next = kernels.reverse_loop(delta, W_hh, hs, g, init[0])
     dh_reset = deltas = None
   else:
-    dh_next, dh_reset, Z, deltas = block_loop(T - 1, unroll, block, init, reverse=True)
+    dh_next, dh_reset, Z, deltas = block_loop(T - 1, plan.unroll, block, init, reverse=True)
   v_0, r_0 = (None if a is None else a[0] for a in (valid_, reset_))
   dh, dz0 = local(hs_[0], v_0, flat(g0[None])[0], dh_next)
   d_start, dh_reset = back(v_0, r_0, dh, dz0, dh_reset)
@@ -159,7 +156,7 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
 
 def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_reset=None,
                     keep_deltas=False, dh_end=None, d_out=None, fuse=False,
-                    steps=None, unroll=1, fused=False) -> _Backward:
+                    plan=LoopPlan()) -> _Backward:
   """Backpropagates ∂L/∂h^L through all layers and steps (top layer first).
 
   Args:
@@ -172,8 +169,8 @@ def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_re
     T-deltas arriving from after the last step (checkpointed segments).
     d_out: None or δo [T, N, O] (unshifted); if given, the readout's
     ``ΔW_hy = Σ_t h^L_tᵀ δo_t`` is formed beside the top layer's gradients and
-    returned as ``W_hy``. fuse: see :func:`_weight_grads`. steps, unroll,
-    fused: see :func:`_reverse_scan`.
+    returned as ``W_hy``. fuse: see :func:`_weight_grads`. plan: how the
+    reverse loops run (``rnn.LoopPlan``).
   """
   fprime = get_activation(params.activation).grad_from_output
   L = len(params.layers)
@@ -184,7 +181,7 @@ def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_re
     # Z[t-1] = δz_t, dz0 = δz_0
     Z, dz0, d_start[l], d_reset[l], deltas[l] = _reverse_scan(
         layer.W_hh, fprime, hs[l], g, g0, valid, reset, keep_deltas,
-        None if dh_end is None else dh_end[l], steps, unroll, fused)
+        None if dh_end is None else dh_end[l], plan)
     top = l == L - 1
     W_xh, W_hh, W_hy_top = _weight_grads(
         xs if l == 0 else hs[l - 1], hs[l], h_start[l], Z, dz0, reset,
@@ -379,17 +376,16 @@ class ManualResult(NamedTuple):
 
 
 def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False,
-                unroll: int = 1, fused=False):
+                plan: LoopPlan = LoopPlan()):
   """Loss, gradients, ∂L/∂h0 and (optionally) δh of every layer and step.
 
-  ``unroll``: time steps per iteration of every loop (``rnn.block_loop``).
-  ``fused``: which loops run as one kernel (``kernels.use_fused``).
+  ``plan``: how every time loop runs (``rnn.LoopPlan``).
   """
   T, B = inp.xs.shape[:2]
   h_reset = inp.h0 if inp.h_reset is None else inp.h_reset
   resets_reach_h0 = inp.h_reset is None
   hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, h_reset, inplace=True,
-                      unroll=unroll, fused=fused)
+                      plan=plan)
   out = readout(params, hs[-1])
   unit = inp.unit_weights
   value, d_out = _loss_and_output_grad(out, inp.targets, inp.weights, loss, B, unit)
@@ -399,7 +395,7 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
 
   if not truncated:
     back = backward_layers(params, inp.xs, hs, inp.h0, g, g0, inp.valid, inp.reset, h_reset,
-                           keep_deltas, unroll=unroll, fused=fused)
+                           keep_deltas, plan=plan)
     dh0 = tuple(s if r is None or not resets_reach_h0 else s + r
                 for s, r in zip(back.dh_start, back.dh_reset))
     deltas = back.deltas
@@ -417,7 +413,7 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
         params, xs_w,
         tuple(windows.gather(h, win, pad=h_0) for h, h_0 in zip(hs, inp.h0)),
         tuple(windows.start_states(h, h_0, win) for h, h_0 in zip(hs, inp.h0)),
-        own_g, own_g0, valid_w, reset_w, h_reset_w, keep_deltas, unroll=unroll, fused=fused)
+        own_g, own_g0, valid_w, reset_w, h_reset_w, keep_deltas, plan=plan)
     reaches_h0 = jnp.asarray(win.from_start)[:, None, None]  # [C, 1, 1]
     dh0 = []
     for s, r in zip(back.dh_start, back.dh_reset):
@@ -443,17 +439,17 @@ def _scatter_windows(d, win, T):
 _OPTIONS = ("loss", "many_to_one", "tau_max", "tau_b", "return_dh0", "checkpoint_every")
 
 
-@functools.partial(jax.jit, static_argnames=_OPTIONS + ("keep_deltas", "unroll", "fused"))
+@functools.partial(jax.jit, static_argnames=_OPTIONS + ("keep_deltas", "plan"))
 def _bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths,
-          loss_weights, resets, return_dh0, keep_deltas, checkpoint_every, unroll, fused):
+          loss_weights, resets, return_dh0, keep_deltas, checkpoint_every, plan):
   inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                        lengths=lengths, loss_weights=loss_weights, resets=resets,
                        tau_max=tau_max, tau_b=tau_b)
   if checkpoint_every is None:
-    res = manual_bptt(params, inp, loss, keep_deltas, unroll, fused)
+    res = manual_bptt(params, inp, loss, keep_deltas, plan)
   else:
     from jaxrnn._src.checkpoint import checkpointed_bptt  # imports this module
-    res = checkpointed_bptt(params, inp, loss, checkpoint_every, unroll, fused)
+    res = checkpointed_bptt(params, inp, loss, checkpoint_every, plan)
   if keep_deltas:
     return res.deltas
   return (res.loss, res.grads, res.dh0) if return_dh0 else (res.loss, res.grads)
@@ -533,12 +529,12 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
   """
   tau_max, tau_b = checks.static_options(xs, loss, many_to_one, tau_max, tau_b)
   checkpoint_every = checks.check_int_option("checkpoint_every", checkpoint_every)
-  unroll = default_unroll(checks.check_int_option("unroll", unroll))
-  fused = checks.check_optional_bool("fused", fused)
+  plan = LoopPlan(unroll=default_unroll(checks.check_int_option("unroll", unroll)),
+                  fused=checks.check_optional_bool("fused", fused))
   return _bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
                resets=resets, return_dh0=return_dh0, keep_deltas=False,
-               checkpoint_every=checkpoint_every, unroll=unroll, fused=fused)
+               checkpoint_every=checkpoint_every, plan=plan)
 
 
 def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
@@ -555,4 +551,4 @@ def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=No
   return _bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
                resets=resets, return_dh0=False, keep_deltas=True, checkpoint_every=None,
-               unroll=default_unroll(), fused=False)
+               plan=LoopPlan(unroll=default_unroll()))

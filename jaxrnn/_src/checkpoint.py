@@ -25,7 +25,7 @@ from jaxrnn._src import checks, windows
 from jaxrnn._src.bptt import (ManualResult, _loss_and_output_grad, backward_layers,
                               readout_backward)
 from jaxrnn._src.params import RNNParams
-from jaxrnn._src.rnn import forward_layers, readout
+from jaxrnn._src.rnn import LoopPlan, forward_layers, readout
 
 
 def _segments(a, k, fill):
@@ -43,15 +43,14 @@ def _add(a, b):
 
 
 def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset, k, loss,
-                    batch, unit_weights=False, unroll=1, fused=False):
+                    batch, unit_weights=False, plan=LoopPlan()):
   """Checkpointed loss and gradients over one window of W steps.
 
   Args:
     xs [W, N, D]; valid/reset [W, N] bool or None; targets/weights per step;
     h_start, h_reset: tuples of [N, H_l]; k: segment length; batch: the B the
-    loss is averaged over; unit_weights: static, every weight is 1; unroll:
-    time steps per iteration of the loops inside each segment; fused: which
-    of those loops run as one kernel (``kernels.use_fused``).
+    loss is averaged over; unit_weights: static, every weight is 1; plan:
+    how the loops inside each segment run (``rnn.LoopPlan``).
 
   Returns:
     ``(loss, layer grads, readout grads, dL/dh_start, dL/dh_reset or None)``.
@@ -63,11 +62,12 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
   seg = lambda a, fill=0: None if a is None else _segments(a, k, fill)
   xs_s, valid_s, reset_s = seg(xs), seg(valid, False), seg(reset, False)
   targets_s, weights_s = seg(targets), None if unit else seg(weights)
+  plan = plan._replace(steps=W)    # products chosen for the window, not the segment
 
   def forward_body(h, inp):
     x, v, r = inp
-    h_end = forward_layers(params, x, h, v, r, h_reset, inplace=True, steps=W, final_only=True,
-                           unroll=unroll)
+    h_end = forward_layers(params, x, h, v, r, h_reset, inplace=True, final_only=True,
+                           plan=plan._replace(fused=False))
     return h_end, h              # keep the state at the segment's start
 
   _, starts = lax.scan(forward_body, h_start, (xs_s, valid_s, reset_s))
@@ -80,16 +80,14 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
   def backward_body(carry, inp):
     dh_next, g_layers, g_readout, d_reset = carry
     x, v, r, y, w, h0_seg = inp
-    hs = forward_layers(params, x, h0_seg, v, r, h_reset, inplace=True, steps=W,
-                        unroll=unroll, fused=fused)                   # recompute
+    hs = forward_layers(params, x, h0_seg, v, r, h_reset, inplace=True, plan=plan)  # recompute
     w = jnp.ones(x.shape[:2], x.dtype) if unit else w
     value, d_out = _loss_and_output_grad(readout(params, hs[-1]), y, w, loss, batch, unit)
     scale = 1.0 / batch if unit else None
     g, g0, d_ro = readout_backward(params, hs[-1], d_out, scale=scale, W_hy_grad=False)
     # ΔW_hy is formed with the layers' weight gradients: one product per segment
     back = backward_layers(params, x, hs, h0_seg, g, g0, v, r, h_reset, dh_end=dh_next,
-                           d_out=None if d_ro is None else d_out, fuse=True, steps=W,
-                           unroll=unroll, fused=fused)
+                           d_out=None if d_ro is None else d_out, fuse=True, plan=plan)
     if d_ro is not None:
       d_ro = d_ro._replace(W_hy=back.W_hy if scale is None else back.W_hy * scale)
     if reset is not None:
@@ -104,7 +102,7 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
 
 
 def checkpointed_bptt(params, inp: checks.Inputs, loss: str, k: int,
-                      unroll: int = 1, fused=False) -> ManualResult:
+                      plan: LoopPlan = LoopPlan()) -> ManualResult:
   """Same result as :func:`jaxrnn._src.bptt.manual_bptt`, in O((T/k + k) B H) memory."""
   T, B = inp.xs.shape[:2]
   h_reset = inp.h0 if inp.h_reset is None else inp.h_reset
@@ -112,14 +110,14 @@ def checkpointed_bptt(params, inp: checks.Inputs, loss: str, k: int,
   if inp.truncation is None:
     value, g_layers, g_readout, dh_start, d_reset = window_backward(
         params, inp.xs, inp.valid, inp.reset, inp.targets, inp.weights, inp.h0, h_reset,
-        min(k, T), loss, B, inp.unit_weights, unroll, fused)
+        min(k, T), loss, B, inp.unit_weights, plan)
     dh0 = dh_start if d_reset is None or not reach_h0 else _add(dh_start, d_reset)
     return ManualResult(value, RNNParams(g_layers, g_readout, params.activation), dh0,
                         (None,) * len(params.layers), None)
-  return _truncated(params, inp, loss, k, h_reset, reach_h0, unroll, fused)
+  return _truncated(params, inp, loss, k, h_reset, reach_h0, plan)
 
 
-def _window_starts(params, inp, win, k, h_reset, unroll, fused):
+def _window_starts(params, inp, win, k, h_reset, plan):
   """States before each chunk's window, from one checkpointed forward pass.
 
   Returns a tuple of [C, N, H_l]: ``h_{s_c - 1}`` (h0 where the window
@@ -141,8 +139,8 @@ def _window_starts(params, inp, win, k, h_reset, unroll, fused):
 
   def body(h, inp_s):
     x, v, r, idx = inp_s
-    hs = forward_layers(params, x, h, v, r, h_reset, inplace=True, steps=T, unroll=unroll,
-                        fused=fused)
+    hs = forward_layers(params, x, h, v, r, h_reset, inplace=True,
+                        plan=plan._replace(steps=T))
     return tuple(s[-1] for s in hs), tuple(s[idx] for s in hs)   # [m, N, H] per layer
 
   _, picked = lax.scan(body, inp.h0, (seg(inp.xs), seg(valid, False), seg(inp.reset, False),
@@ -157,11 +155,11 @@ def _window_starts(params, inp, win, k, h_reset, unroll, fused):
   return tuple(starts)
 
 
-def _truncated(params, inp, loss, k, h_reset, reach_h0, unroll, fused):
+def _truncated(params, inp, loss, k, h_reset, reach_h0, plan):
   T, B = inp.xs.shape[:2]
   win = windows.make_windows(T, inp.truncation)
   W = win.steps.shape[1]
-  starts = _window_starts(params, inp, win, k, h_reset, unroll, fused)
+  starts = _window_starts(params, inp, win, k, h_reset, plan)
   # Front-pad by W steps so every window is one dynamic slice (padded steps are frozen).
   pad = lambda a, fill: None if a is None else jnp.concatenate(
       [jnp.full((W,) + a.shape[1:], fill, a.dtype), a], axis=0)
@@ -178,7 +176,7 @@ def _truncated(params, inp, loss, k, h_reset, reach_h0, unroll, fused):
     value, gl, gr, d_start, d_reset = window_backward(
         params, cut(xs_p), cut(valid_p), cut(reset_p), cut(targets_p),
         cut(weights_p) * own[c][:, None], tuple(s[c] for s in starts), h_reset,
-        min(k, W), loss, B, unroll=unroll, fused=fused)
+        min(k, W), loss, B, plan=plan)
     d = tuple(jnp.where(from_start[c], s, 0) for s in d_start)  # cut windows: constant start
     if d_reset is not None and reach_h0:
       d = _add(d, d_reset)

@@ -17,7 +17,7 @@ state instead of ``h_{t-1}``.
 """
 
 import functools
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +177,37 @@ def loop_matmul(W, n, T, unroll=1):
   return lambda h: h @ W
 
 
+class LoopPlan(NamedTuple):
+  """How the time loops of the hand-written pass run (static: hashable, a jit key).
+
+  Every choice here changes speed only, never values.
+
+  Attributes:
+    unroll: time steps per loop iteration (:func:`block_loop`).
+    fused: run a loop as one kernel where :func:`kernels.use_fused` says so
+      (False: never; None: on a GPU where the loop qualifies; True: always,
+      or a ValueError).
+    steps: the sequence length :func:`is_small_product` weighs a loop's
+      product against (None: the loop's own T; a checkpointed segment passes
+      its whole window's).
+  """
+  unroll: int = 1
+  fused: Optional[bool] = False
+  steps: Optional[int] = None
+
+  def one_kernel(self, n: int, H: int, dtype, masked: bool) -> bool:
+    """Whether a loop over [n, H] states runs as one kernel (:func:`kernels.use_fused`)."""
+    return kernels.use_fused(self.fused, n, H, dtype, masked)
+
+  def small_product(self, W, n: int, T: int) -> bool:
+    """:func:`is_small_product` for a loop of T steps."""
+    return is_small_product(W, n, self.steps or T, self.unroll)
+
+  def matmul(self, W, n: int, T: int):
+    """:func:`loop_matmul` for a loop of T steps."""
+    return loop_matmul(W, n, self.steps or T, self.unroll)
+
+
 def scan_layer(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
   """Runs one layer over time from precomputed input projections.
 
@@ -201,7 +232,7 @@ def scan_layer(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
 
 
 def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None,
-                       b_h=None, steps=None, unroll=1, fused=False):
+                       b_h=None, plan=LoopPlan()):
   """:func:`scan_layer` that overwrites its input: step t replaces ``xproj[t]`` by ``h_t``.
 
   Same values as :func:`scan_layer`, but the projections and the states share
@@ -210,17 +241,14 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
   through a loop that carries a [T, N, H] buffer would store it at every step.
   ``b_h`` [H], if given, is added inside the step (``xproj`` then holds
   ``h^{l-1}_t W_xh`` only), which saves a pass over the [T, N, H] buffer.
-  ``steps``: the sequence length for :func:`is_small_product` (default: this
-  loop's T; a checkpointed segment passes its whole window's). ``unroll``:
-  steps per loop iteration (:func:`block_loop`); each iteration reads its
-  block of projections at once and writes its block of states at once.
-  ``fused``: run the loop as one kernel where :func:`kernels.use_fused` says
-  so (False: never; None: on a GPU where the loop qualifies).
+  ``plan``: how the loop runs (:class:`LoopPlan`): one kernel, or a loop of
+  ``plan.unroll`` steps per iteration, each reading its block of projections
+  at once and writing its block of states at once.
   """
-  if kernels.use_fused(fused, *h_start.shape, xproj.dtype, valid is not None or reset is not None):
+  if plan.one_kernel(*h_start.shape, xproj.dtype, valid is not None or reset is not None):
     return kernels.forward_loop(functools.partial(masked_step, None, f), W_hh, xproj,
                                 h_start, b_h)
-  matmul = loop_matmul(W_hh, h_start.shape[0], steps or xproj.shape[0], unroll)
+  matmul = plan.matmul(W_hh, h_start.shape[0], xproj.shape[0])
 
   def block(t0, size, carry):
     h, buf = carry
@@ -233,7 +261,7 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
       out.append(h)
     return h, write_block(buf, jnp.stack(out), t0)     # xproj[t] <- h_t
 
-  return block_loop(xproj.shape[0], unroll, block, (h_start, xproj))[1]
+  return block_loop(xproj.shape[0], plan.unroll, block, (h_start, xproj))[1]
 
 
 def project(inp, layer: LayerParams, bias: bool = True):
@@ -243,28 +271,29 @@ def project(inp, layer: LayerParams, bias: bool = True):
 
 
 def scan_layer_final(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None,
-                     b_h=None, steps=None, unroll=1):
+                     b_h=None, plan=LoopPlan()):
   """The state after the last step only, ``[N, H]``: :func:`scan_layer_inplace` without its stores.
 
   For a checkpointed pass that keeps only every k-th state: the loop reads
-  ``xproj`` and writes nothing per step.
+  ``xproj`` and writes nothing per step. Always a ``lax.scan`` (``plan.fused``
+  is not looked at).
   """
-  matmul = loop_matmul(W_hh, h_start.shape[0], steps or xproj.shape[0], unroll)
+  matmul = plan.matmul(W_hh, h_start.shape[0], xproj.shape[0])
 
   def step(h, inp):
     xp_t, v_t, r_t = inp
     xp_t = xp_t if b_h is None else xp_t + b_h[None, :]
     return masked_step(W_hh, f, h, xp_t, v_t, r_t, h_reset, matmul), None
 
-  return lax.scan(step, h_start, (xproj, valid, reset), unroll=unroll)[0]
+  return lax.scan(step, h_start, (xproj, valid, reset), unroll=plan.unroll)[0]
 
 
 def forward_layers(params, xs, h_start, valid=None, reset=None, h_reset=None, inplace=False,
-                   steps=None, final_only=False, unroll=1, fused=False):
+                   final_only=False, plan=LoopPlan()):
   """All layers, bottom up. Returns a tuple of [T, N, H_l] hidden states.
 
   ``inplace=True`` uses :func:`scan_layer_inplace` (for the hand-written pass),
-  with ``steps``, ``unroll`` and ``fused`` (see there). ``final_only=True`` (with ``inplace``) returns
+  whose loops run as ``plan`` says. ``final_only=True`` (with ``inplace``) returns
   only each layer's state after the last step, [N, H_l], and stores no
   states of the top layer.
   """
@@ -275,11 +304,11 @@ def forward_layers(params, xs, h_start, valid=None, reset=None, h_reset=None, in
     h_r = None if h_reset is None else h_reset[l]
     if inplace and final_only and l == L - 1:
       hs.append(scan_layer_final(layer.W_hh, f, project(inp, layer, bias=False), h_start[l],
-                                 valid, reset, h_r, layer.b_h, steps, unroll))
+                                 valid, reset, h_r, layer.b_h, plan))
       break
     if inplace:   # the bias is added inside the loop
       inp = scan_layer_inplace(layer.W_hh, f, project(inp, layer, bias=False), h_start[l],
-                               valid, reset, h_r, layer.b_h, steps, unroll, fused)
+                               valid, reset, h_r, layer.b_h, plan)
     else:
       inp = scan_layer(layer.W_hh, f, project(inp, layer), h_start[l], valid, reset, h_r)
     hs.append(inp[-1] if final_only else inp)

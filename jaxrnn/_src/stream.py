@@ -25,7 +25,7 @@ import optax
 from jaxrnn._src import checks
 from jaxrnn._src.autodiff import full_loss
 from jaxrnn._src.bptt import manual_bptt
-from jaxrnn._src.rnn import default_unroll
+from jaxrnn._src.rnn import LoopPlan, default_unroll
 
 METHODS = ("manual", "autodiff")
 
@@ -81,7 +81,7 @@ def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, los
                        loss_weights=weights, resets=resets_w)
   inp = inp._replace(h_reset=state.h_init)
   if method == "manual":
-    res = manual_bptt(params, inp, loss, unroll=default_unroll(), fused=None)
+    res = manual_bptt(params, inp, loss, plan=LoopPlan(unroll=default_unroll(), fused=None))
     value, grads, hs = res.loss, res.grads, res.hs
   else:
     (value, hs), grads = jax.value_and_grad(full_loss, has_aux=True)(
