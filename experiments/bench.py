@@ -13,6 +13,14 @@ runs on a GPU, PyTorch runs there too (``nn.RNN`` on cuDNN).
     python experiments/bench.py                       # the full grid, a few minutes
     python experiments/bench.py --smoke               # seconds
     python experiments/bench.py --precision float32   # no TF32 on a GPU, in any library
+    python experiments/bench.py --heap_mib 30         # XLA's temp memory in heaps of <= 30 MiB
+
+``--heap_mib``: every JAX method (and the peak matmul) is compiled with XLA's
+``xla_multiheap_size_constraint_per_heap``, which splits a program's temporary
+memory into several allocations of at most that size (one larger buffer still
+gets its own). On Linux with glibc, an allocation under 32 MiB comes from the
+heap once one of its size has been freed, while a larger one is mapped afresh
+and page-faulted on every call (docs/performance.md).
 """
 
 import dataclasses
@@ -61,6 +69,9 @@ class Config:
   # NVIDIA GPUs since Ampere both JAX and cuDNN then use TF32 tensor cores);
   # "float32" asks every library for full float32 products.
   precision: str = "default"
+  # > 0: compile every JAX method with XLA's temporary memory split into heaps
+  # of at most this many MiB (see the module docstring); 0: XLA's default.
+  heap_mib: float = 0.0
 
 
 PRECISIONS = ("default", "float32")
@@ -78,6 +89,15 @@ def set_precision(precision: str) -> None:
       return
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+def compiler_options(heap_mib: float) -> Optional[Dict[str, int]]:
+  """XLA options for every JAX method's compile (None: the defaults)."""
+  if heap_mib < 0:
+    raise ValueError(f"heap_mib must be >= 0; got {heap_mib}.")
+  if heap_mib == 0:
+    return None
+  return {"xla_multiheap_size_constraint_per_heap": int(heap_mib * (1 << 20))}
 
 
 def on_gpu() -> bool:
@@ -103,17 +123,17 @@ def flops(dims, opts) -> float:
   return 3 * fwd - 2 * T * B * D * H
 
 
-def peak_matmul(n: int = 2048):
+def peak_matmul(n: int = 2048, options=None):
   """A zero-argument call doing one float32 n×n matmul, and its FLOPs."""
   a = jnp.ones((n, n), jnp.float32)
-  mm = jax.jit(lambda a: a @ a)
+  mm = jax.jit(lambda a: a @ a).lower(a).compile(compiler_options=options)
   jax.block_until_ready(mm(a))
   return (lambda: mm(a)), 2 * n ** 3
 
 
-def measure_peak(n: int = 2048) -> float:
+def measure_peak(n: int = 2048, options=None) -> float:
   """Best of 5: the machine's matrix-multiply peak in GFLOP/s."""
-  call, fl = peak_matmul(n)
+  call, fl = peak_matmul(n, options)
   samples = []
   for _ in range(5):
     t0 = time.perf_counter()
@@ -132,8 +152,8 @@ def _data(dims, opts):
   return xs, ys
 
 
-def jax_methods(dims, opts) -> Dict[str, Tuple[Callable, Optional[int]]]:
-  """name -> (zero-argument call, XLA temp bytes)."""
+def jax_methods(dims, opts, options=None) -> Dict[str, Tuple[Callable, Optional[int]]]:
+  """name -> (zero-argument call, XLA temp bytes); ``options``: XLA compiler options."""
   T, B, D, H, L = dims
   params = jaxrnn.init_params(jax.random.key(0), D, (H,) * L, D, dtype=jnp.float32)
   xs, ys = _data(dims, opts)
@@ -145,7 +165,7 @@ def jax_methods(dims, opts) -> Dict[str, Tuple[Callable, Optional[int]]]:
     methods.append((f"bptt checkpoint_every={k}", jaxrnn.bptt, dict(opts, checkpoint_every=k)))
   for name, fn, kw in methods:
     f = jax.jit(lambda p, x, y, fn=fn, kw=kw: fn(p, x, y, **kw))
-    compiled = f.lower(params, xs, ys).compile()
+    compiled = f.lower(params, xs, ys).compile(compiler_options=options)
     out[name] = ((lambda c=compiled: c(params, xs, ys)),
                  compiled.memory_analysis().temp_size_in_bytes)
   return out
@@ -168,7 +188,7 @@ def _peer(module: str, opts):
   return None if opts.get("tau_max") or opts.get("checkpoint_every") else mod
 
 
-def flax_method(dims, opts):
+def flax_method(dims, opts, options=None):
   nn = _peer("flax.linen", opts)
   if nn is None:
     return None
@@ -192,7 +212,7 @@ def flax_method(dims, opts):
     o = o[-1] if many_to_one else o
     return 0.5 * jnp.sum((o - ys) ** 2) / B
 
-  compiled = jax.jit(jax.value_and_grad(loss)).lower(variables).compile()
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(variables).compile(compiler_options=options)
   return (lambda: compiled(variables)), compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -210,7 +230,8 @@ def torch_name() -> str:
   return "torch nn.RNN (cuDNN)" if torch_device(torch) == "cuda" else "torch nn.RNN (CPU)"
 
 
-def torch_method(dims, opts):
+def torch_method(dims, opts, options=None):
+  del options   # XLA's; PyTorch has its own allocator
   torch = _peer("torch", opts)
   if torch is None:
     return None
@@ -236,21 +257,34 @@ def torch_method(dims, opts):
   return call, None
 
 
+def cpu_model() -> str:
+  """The CPU's model name where the OS tells it (Linux), else platform.processor()."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "?"
+
+
 def run(cfg: Config):
   set_precision(cfg.precision)
+  options = compiler_options(cfg.heap_mib)
   grid = SMOKE_GRID if cfg.smoke else GRID
   # A GPU needs a larger product than a CPU to reach its peak.
   peak_n = 512 if cfg.smoke else (8192 if on_gpu() else 2048)
-  peak = measure_peak(peak_n)
-  peak_call, peak_flops = peak_matmul(peak_n)
+  peak = measure_peak(peak_n, options)
+  peak_call, peak_flops = peak_matmul(peak_n, options)
   rows, skipped = [], set()
   for dims, opts in grid:
-    methods = jax_methods(dims, opts)
+    methods = jax_methods(dims, opts, options)
     if cfg.peers:
       for name, make in (("flax nn.RNN(SimpleCell)", flax_method),
                          (torch_name(), torch_method)):
         try:
-          m = make(dims, opts)
+          m = make(dims, opts, options)
         except NotInstalled:
           skipped.add(name)
           continue
@@ -272,10 +306,11 @@ def run(cfg: Config):
                      bptt_fraction_of_best_peak=gflops / peak))
     print(format_row(rows[-1]), flush=True)
   return dict(peak_gflops=peak, peak_n=peak_n, rows=rows, skipped=sorted(skipped),
-              machine=dict(platform=platform.platform(), processor=platform.processor(),
+              machine=dict(platform=platform.platform(), processor=cpu_model(),
                            cpus=os.cpu_count(), device=str(jax.devices()[0]),
                            device_kind=jax.devices()[0].device_kind,
-                           jax=jax.__version__, precision=cfg.precision))
+                           jax=jax.__version__, precision=cfg.precision,
+                           heap_mib=cfg.heap_mib))
 
 
 def format_row(r):
@@ -340,9 +375,12 @@ def markdown(result) -> str:
   torch_names = [n for n in names if n.startswith("torch")]
   lines += ["", f"Matrix-multiply peak (float32, {result['peak_n']}² matmul): the 'peak' column is its "
             f"median rate timed in the same repeats as the row's methods; the best of 5 at the start "
-            f"was {result['peak_gflops']:.1f} GFLOP/s. Machine: {m['cpus']} CPUs, {m['platform']}, "
+            f"was {result['peak_gflops']:.1f} GFLOP/s. Machine: {m['cpus']} CPUs "
+            f"({m.get('processor') or '?'}), {m['platform']}, "
             f"{m['device']} ({m.get('device_kind', '?')}), jax {m['jax']}, float32 products: "
             f"{m.get('precision', 'default')}"
+            + (f", XLA temp memory in heaps of <= {m['heap_mib']:g} MiB (every JAX method)"
+               if m.get("heap_mib") else "")
             + (f", torch = {torch_names[0]}" if torch_names else "")
             + ". Ratios > 1 mean jaxrnn.bptt is faster; "
             "each is the median over repeats of the ratio within a repeat."]

@@ -10,8 +10,11 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import jaxrnn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
 
@@ -119,3 +122,21 @@ def test_bench_smoke(tmp_path):
     assert all(np.isfinite(t) and t > 0 for t in r["time_s"].values())
     assert r["temp_bytes"]["jaxrnn.bptt"] > 0
   assert "checkpoint" in result["summary"]
+
+
+def test_bench_heap_option_moves_memory_not_values():
+  """``--heap_mib``: XLA's temp memory split into heaps; same results, bit for bit."""
+  import bench
+  assert bench.compiler_options(0) is None
+  assert bench.compiler_options(30) == {"xla_multiheap_size_constraint_per_heap": 30 << 20}
+  with pytest.raises(ValueError, match="heap_mib must be >= 0"):
+    bench.compiler_options(-1)
+  params = jaxrnn.init_params(jax.random.key(0), 3, (8, 8), 3, dtype=jnp.float32)
+  xs = jax.random.normal(jax.random.key(1), (30, 4, 3), jnp.float32)
+  f = jax.jit(lambda p, x: jaxrnn.bptt(p, x, x)).lower(params, xs)
+  one, split = f.compile(), f.compile(compiler_options=bench.compiler_options(1 / 256))
+  # 4 KiB heaps: [30, 4, 8] float32 arrays (3.75 KiB) no longer share one allocation
+  assert (split.memory_analysis().temp_size_in_bytes
+          > one.memory_analysis().temp_size_in_bytes)
+  for a, b in zip(jax.tree.leaves(one(params, xs)), jax.tree.leaves(split(params, xs))):
+    np.testing.assert_array_equal(a, b)
