@@ -152,23 +152,32 @@ def _data(dims, opts):
   return xs, ys
 
 
-def jax_methods(dims, opts, options=None) -> Dict[str, Tuple[Callable, Optional[int]]]:
-  """name -> (zero-argument call, XLA temp bytes); ``options``: XLA compiler options."""
+def compiled_methods(dims, opts, options=None):
+  """``(name -> compiled loss-and-gradient of jaxrnn, its arguments)``; ``options``: XLA's.
+
+  The methods: ``jaxrnn.bptt`` and ``jaxrnn.autodiff_bptt`` with ``opts``, and
+  with ``checkpoint_every`` in ``opts`` the checkpointed ``bptt`` beside them.
+  """
   T, B, D, H, L = dims
   params = jaxrnn.init_params(jax.random.key(0), D, (H,) * L, D, dtype=jnp.float32)
   xs, ys = _data(dims, opts)
-  out = {}
   opts = dict(opts)
   k = opts.pop("checkpoint_every", None)
   methods = [("jaxrnn.bptt", jaxrnn.bptt, opts), ("jaxrnn.autodiff_bptt", jaxrnn.autodiff_bptt, opts)]
   if k:  # the memory-efficient mode beside full storage
     methods.append((f"bptt checkpoint_every={k}", jaxrnn.bptt, dict(opts, checkpoint_every=k)))
+  out = {}
   for name, fn, kw in methods:
     f = jax.jit(lambda p, x, y, fn=fn, kw=kw: fn(p, x, y, **kw))
-    compiled = f.lower(params, xs, ys).compile(compiler_options=options)
-    out[name] = ((lambda c=compiled: c(params, xs, ys)),
-                 compiled.memory_analysis().temp_size_in_bytes)
-  return out
+    out[name] = f.lower(params, xs, ys).compile(compiler_options=options)
+  return out, (params, xs, ys)
+
+
+def jax_methods(dims, opts, options=None) -> Dict[str, Tuple[Callable, Optional[int]]]:
+  """name -> (zero-argument call, XLA temp bytes); ``options``: XLA compiler options."""
+  compiled, args = compiled_methods(dims, opts, options)
+  return {name: ((lambda c=c: c(*args)), c.memory_analysis().temp_size_in_bytes)
+          for name, c in compiled.items()}
 
 
 PEAK = "matmul peak"

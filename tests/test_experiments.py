@@ -140,3 +140,32 @@ def test_bench_heap_option_moves_memory_not_values():
           > one.memory_analysis().temp_size_in_bytes)
   for a, b in zip(jax.tree.leaves(one(params, xs)), jax.tree.leaves(split(params, xs))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_profile_smoke(tmp_path):
+  """experiments/profile_ops.py: per-operation times of one call, loop operations T times a call."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("profile_ops.py reads XLA:CPU's thread events")
+  import profile_ops as prof
+  result = prof.main(["--smoke", "--out", str(tmp_path)])
+  stems = {p.suffix for p in tmp_path.iterdir()}
+  assert stems == {".json", ".md", ".png"}
+  T = result["dims"][0]
+  runs = [r["runs_per_call"] for r in result["ops"]]
+  assert T in runs and T - 1 in runs            # forward loop steps; reverse loop (step 0 peeled)
+  loop_products = [r for r in result["ops"]
+                   if r["runs_per_call"] >= T - 1 and "dot_general" in r["source"]]
+  assert len(loop_products) == 2, result["ops"]  # one per loop: h W_hh and δz W_hhᵀ
+  assert all(r["shape"] == "f32[4,8]" for r in loop_products)
+  assert result["wall_ms"] > 0 and result["temp_mb"] > 0
+  assert all(r["us_per_run"] >= 0 for r in result["ops"])
+
+
+def test_profile_checks_its_config():
+  import profile_ops as prof
+  with pytest.raises(ValueError, match="method must be one of"):
+    prof.check(prof.Config(method="grad"))
+  with pytest.raises(ValueError, match="checkpoint_every is an option of method 'bptt'"):
+    prof.check(prof.Config(method="autodiff", checkpoint_every=10))
+  with pytest.raises(ValueError, match="H must be >= 1; got 0"):
+    prof.check(prof.Config(H=0))
