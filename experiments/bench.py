@@ -14,6 +14,7 @@ runs on a GPU, PyTorch runs there too (``nn.RNN`` on cuDNN).
     python experiments/bench.py --smoke               # seconds
     python experiments/bench.py --precision float32   # no TF32 on a GPU, in any library
     python experiments/bench.py --heap_mib 30         # XLA's temp memory in heaps of <= 30 MiB
+    python experiments/bench.py --points "(2,)"       # only the grid's H = 512 row
 
 ``--heap_mib``: every JAX method (and the peak matmul) is compiled with XLA's
 ``xla_multiheap_size_constraint_per_heap``, which splits a program's temporary
@@ -72,7 +73,14 @@ class Config:
   # > 0: compile every JAX method with XLA's temporary memory split into heaps
   # of at most this many MiB (see the module docstring); 0: XLA's default.
   heap_mib: float = 0.0
+  # Rows of the grid to run, by 0-based index (``--points "(2, 5)"``); empty: all.
+  # With a subset, the summary's geometric means are over those rows only.
+  points: Tuple[int, ...] = ()
 
+
+# Environment variables that change the timings without changing the program
+# (glibc's allocator, XLA's flags, a preloaded allocator); recorded with the results.
+ENVIRONMENT = ("GLIBC_TUNABLES", "XLA_FLAGS", "LD_PRELOAD", "MALLOC_ARENA_MAX")
 
 PRECISIONS = ("default", "float32")
 
@@ -98,6 +106,25 @@ def compiler_options(heap_mib: float) -> Optional[Dict[str, int]]:
   if heap_mib == 0:
     return None
   return {"xla_multiheap_size_constraint_per_heap": int(heap_mib * (1 << 20))}
+
+
+def select_points(grid, points):
+  """The rows of ``grid`` named by ``points`` (0-based indices, in that order; empty: all)."""
+  if isinstance(points, int):   # --points 2
+    points = (points,)
+  if not points:
+    return tuple(grid)
+  bad = [i for i in points
+         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(grid)]
+  if bad or len(set(points)) != len(points):
+    raise ValueError(f"points must be distinct row indices in [0, {len(grid)}) of the "
+                     f"{'smoke ' if grid is SMOKE_GRID else ''}grid; got {tuple(points)!r}.")
+  return tuple(grid[i] for i in points)
+
+
+def environment() -> Dict[str, str]:
+  """The variables of ``ENVIRONMENT`` set in this process, to record with the results."""
+  return {k: os.environ[k] for k in ENVIRONMENT if os.environ.get(k)}
 
 
 def on_gpu() -> bool:
@@ -281,7 +308,7 @@ def cpu_model() -> str:
 def run(cfg: Config):
   set_precision(cfg.precision)
   options = compiler_options(cfg.heap_mib)
-  grid = SMOKE_GRID if cfg.smoke else GRID
+  grid = select_points(SMOKE_GRID if cfg.smoke else GRID, cfg.points)
   # A GPU needs a larger product than a CPU to reach its peak.
   peak_n = 512 if cfg.smoke else (8192 if on_gpu() else 2048)
   peak = measure_peak(peak_n, options)
@@ -319,7 +346,7 @@ def run(cfg: Config):
                            cpus=os.cpu_count(), device=str(jax.devices()[0]),
                            device_kind=jax.devices()[0].device_kind,
                            jax=jax.__version__, precision=cfg.precision,
-                           heap_mib=cfg.heap_mib))
+                           heap_mib=cfg.heap_mib, environment=environment()))
 
 
 def format_row(r):
@@ -391,8 +418,12 @@ def markdown(result) -> str:
             + (f", XLA temp memory in heaps of <= {m['heap_mib']:g} MiB (every JAX method)"
                if m.get("heap_mib") else "")
             + (f", torch = {torch_names[0]}" if torch_names else "")
+            + "".join(f", {k}={v}" for k, v in m.get("environment", {}).items())
             + ". Ratios > 1 mean jaxrnn.bptt is faster; "
             "each is the median over repeats of the ratio within a repeat."]
+  points = result.get("config", {}).get("points")
+  if points:
+    lines.append(f"Only rows {points} of the grid (--points); the summary covers those rows.")
   if result["skipped"]:
     lines.append(f"Skipped (not installed): {', '.join(result['skipped'])}.")
   return "\n".join(lines)

@@ -189,7 +189,7 @@ def run(cfg: Config) -> Dict:
               page_faults_per_call=faults, ops=rows,
               unattributed_ms=wall * 1e3 - attributed,
               machine=dict(processor=bench.cpu_model(), cpus=os.cpu_count(),
-                           jax=jax.__version__))
+                           jax=jax.__version__, environment=bench.environment()))
 
 
 def markdown(result: Dict, top: int) -> str:
@@ -198,7 +198,9 @@ def markdown(result: Dict, top: int) -> str:
            f"{result['gflops']:.1f} GFLOP/s, XLA temporary memory {result['temp_mb']:.1f} MB, "
            f"{result['page_faults_per_call']:.0f} page faults per call. "
            f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}), "
-           f"jax {result['machine']['jax']}.",
+           f"jax {result['machine']['jax']}"
+           + "".join(f", {k}={v}" for k, v in result["machine"].get("environment", {}).items())
+           + ".",
            "",
            "| op | from | result | runs per call | µs per run | ms per call | share of call |",
            "|---|---|---|---|---|---|---|"]

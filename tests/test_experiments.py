@@ -124,6 +124,25 @@ def test_bench_smoke(tmp_path):
   assert "checkpoint" in result["summary"]
 
 
+def test_bench_points_and_environment(tmp_path, monkeypatch):
+  """``--points`` runs the named grid rows; allocator and XLA variables are recorded."""
+  import bench
+  assert bench.select_points(bench.GRID, ()) == bench.GRID
+  assert bench.select_points(bench.GRID, 2) == (bench.GRID[2],)
+  assert bench.select_points(bench.GRID, (5, 0)) == (bench.GRID[5], bench.GRID[0])
+  for bad in ((9,), (-1,), (1, 1), (True,), ("2",)):
+    with pytest.raises(ValueError, match=r"points must be distinct row indices in \[0, 9\)"):
+      bench.select_points(bench.GRID, bad)
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  assert bench.environment()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=1"
+  assert "XLA_FLAGS" not in bench.environment()
+  result = bench.main(["--smoke", "--peers", "false", "--points", "(1,)", "--out", str(tmp_path)])
+  assert [r["options"] for r in result["rows"]] == [bench.SMOKE_GRID[1][1]]
+  table = (tmp_path / "bench.md").read_text()
+  assert "GLIBC_TUNABLES=glibc.malloc.arena_max=1" in table and "Only rows (1,)" in table
+
+
 def test_bench_heap_option_moves_memory_not_values():
   """``--heap_mib``: XLA's temp memory split into heaps; same results, bit for bit."""
   import bench
