@@ -127,6 +127,11 @@ def environment() -> Dict[str, str]:
   return {k: os.environ[k] for k in ENVIRONMENT if os.environ.get(k)}
 
 
+def environment_text(env: Dict[str, str]) -> str:
+  """``", NAME=value"`` for each recorded variable, for a table's machine line."""
+  return "".join(f", {k}={v}" for k, v in env.items())
+
+
 def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
@@ -418,7 +423,7 @@ def markdown(result) -> str:
             + (f", XLA temp memory in heaps of <= {m['heap_mib']:g} MiB (every JAX method)"
                if m.get("heap_mib") else "")
             + (f", torch = {torch_names[0]}" if torch_names else "")
-            + "".join(f", {k}={v}" for k, v in m.get("environment", {}).items())
+            + environment_text(m.get("environment", {}))
             + ". Ratios > 1 mean jaxrnn.bptt is faster; "
             "each is the median over repeats of the ratio within a repeat."]
   points = result.get("config", {}).get("points")

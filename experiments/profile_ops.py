@@ -199,7 +199,7 @@ def markdown(result: Dict, top: int) -> str:
            f"{result['page_faults_per_call']:.0f} page faults per call. "
            f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}), "
            f"jax {result['machine']['jax']}"
-           + "".join(f", {k}={v}" for k, v in result["machine"].get("environment", {}).items())
+           + bench.environment_text(result["machine"].get("environment", {}))
            + ".",
            "",
            "| op | from | result | runs per call | µs per run | ms per call | share of call |",
