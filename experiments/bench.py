@@ -163,9 +163,8 @@ def peak_matmul(n: int = 2048, options=None):
   return (lambda: mm(a)), 2 * n ** 3
 
 
-def measure_peak(n: int = 2048, options=None) -> float:
-  """Best of 5: the machine's matrix-multiply peak in GFLOP/s."""
-  call, fl = peak_matmul(n, options)
+def measure_peak(call, fl: float) -> float:
+  """Best of 5 calls of :func:`peak_matmul`'s ``call`` (``fl`` FLOPs each), in GFLOP/s."""
   samples = []
   for _ in range(5):
     t0 = time.perf_counter()
@@ -184,11 +183,20 @@ def _data(dims, opts):
   return xs, ys
 
 
-def compiled_methods(dims, opts, options=None):
+CHECKPOINTED = "bptt checkpoint_every="   # + k: the checkpointed mode's name
+
+
+def checkpointed_name(k: int) -> str:
+  """The name under which the bench reports ``bptt`` with ``checkpoint_every=k``."""
+  return f"{CHECKPOINTED}{k}"
+
+
+def compiled_methods(dims, opts, options=None, names=None):
   """``(name -> compiled loss-and-gradient of jaxrnn, its arguments)``; ``options``: XLA's.
 
   The methods: ``jaxrnn.bptt`` and ``jaxrnn.autodiff_bptt`` with ``opts``, and
-  with ``checkpoint_every`` in ``opts`` the checkpointed ``bptt`` beside them.
+  with ``checkpoint_every`` in ``opts`` the checkpointed ``bptt``
+  (:func:`checkpointed_name`) beside them; ``names``: compile only these.
   """
   T, B, D, H, L = dims
   params = jaxrnn.init_params(jax.random.key(0), D, (H,) * L, D, dtype=jnp.float32)
@@ -197,9 +205,14 @@ def compiled_methods(dims, opts, options=None):
   k = opts.pop("checkpoint_every", None)
   methods = [("jaxrnn.bptt", jaxrnn.bptt, opts), ("jaxrnn.autodiff_bptt", jaxrnn.autodiff_bptt, opts)]
   if k:  # the memory-efficient mode beside full storage
-    methods.append((f"bptt checkpoint_every={k}", jaxrnn.bptt, dict(opts, checkpoint_every=k)))
+    methods.append((checkpointed_name(k), jaxrnn.bptt, dict(opts, checkpoint_every=k)))
+  unknown = set(names or ()) - {name for name, _, _ in methods}
+  if unknown:
+    raise ValueError(f"names must be among {[m[0] for m in methods]}; got {sorted(unknown)}.")
   out = {}
   for name, fn, kw in methods:
+    if names is not None and name not in names:
+      continue
     f = jax.jit(lambda p, x, y, fn=fn, kw=kw: fn(p, x, y, **kw))
     out[name] = f.lower(params, xs, ys).compile(compiler_options=options)
   return out, (params, xs, ys)
@@ -316,8 +329,8 @@ def run(cfg: Config):
   grid = select_points(SMOKE_GRID if cfg.smoke else GRID, cfg.points)
   # A GPU needs a larger product than a CPU to reach its peak.
   peak_n = 512 if cfg.smoke else (8192 if on_gpu() else 2048)
-  peak = measure_peak(peak_n, options)
   peak_call, peak_flops = peak_matmul(peak_n, options)
+  peak = measure_peak(peak_call, peak_flops)
   rows, skipped = [], set()
   for dims, opts in grid:
     methods = jax_methods(dims, opts, options)
@@ -379,7 +392,7 @@ def summarise(result):
   mem = [r["temp_bytes"]["jaxrnn.bptt"] / r["temp_bytes"]["jaxrnn.autodiff_bptt"] for r in rows]
   s["max_temp_memory_ratio_vs_autodiff"] = max(mem)
   for r in rows:
-    ck = [n for n in r["time_s"] if n.startswith("bptt checkpoint")]
+    ck = [n for n in r["time_s"] if n.startswith(CHECKPOINTED)]
     if ck:
       s["checkpoint"] = dict(point=r["point"], mode=ck[0],
                              time_ratio=r["ratio_to_bptt"][ck[0]],
@@ -397,7 +410,7 @@ def markdown(result) -> str:
   short = {"jaxrnn.bptt": "bptt", "jaxrnn.autodiff_bptt": "autodiff",
            "flax nn.RNN(SimpleCell)": "flax", "torch nn.RNN (CPU)": "torch",
            "torch nn.RNN (cuDNN)": "torch"}
-  short.update({n: "ckpt" for n in names if n.startswith("bptt checkpoint")})
+  short.update({n: "ckpt" for n in names if n.startswith(CHECKPOINTED)})
   head = ("| point | " + " | ".join(f"{short[n]} ms" for n in names) + " | "
           + " | ".join(f"{short[n]}/bptt" for n in names[1:])
           + " | bptt GFLOP/s (% of peak) | peak GFLOP/s | temp MB: " + " / ".join(

@@ -110,7 +110,7 @@ def _options(cfg: Config) -> Dict:
 def _method_name(cfg: Config) -> str:
   if cfg.method == "autodiff":
     return "jaxrnn.autodiff_bptt"
-  return f"bptt checkpoint_every={cfg.checkpoint_every}" if cfg.checkpoint_every else "jaxrnn.bptt"
+  return bench.checkpointed_name(cfg.checkpoint_every) if cfg.checkpoint_every else "jaxrnn.bptt"
 
 
 def hlo_ops(hlo_text: str) -> Dict[str, Dict[str, str]]:
@@ -158,8 +158,8 @@ def run(cfg: Config) -> Dict:
   check(cfg)
   dims = (cfg.T, cfg.B, cfg.D, cfg.H, cfg.layers)
   opts = _options(cfg)
-  compiled, args = bench.compiled_methods(dims, opts)
   name = _method_name(cfg)
+  compiled, args = bench.compiled_methods(dims, opts, names=(name,))
   fn = compiled[name]
   for _ in range(2):                       # warm-up: first touches, thread pools
     jax.block_until_ready(fn(*args))

@@ -143,6 +143,17 @@ def test_bench_points_and_environment(tmp_path, monkeypatch):
   assert "GLIBC_TUNABLES=glibc.malloc.arena_max=1" in table and "Only rows (1,)" in table
 
 
+def test_bench_compiles_only_the_named_methods():
+  """``compiled_methods(names=...)`` (what profile_ops.py uses): those methods, or a ValueError."""
+  import bench
+  dims, opts = (6, 2, 3, 4, 1), dict(checkpoint_every=3)
+  compiled, _ = bench.compiled_methods(dims, opts, names=(bench.checkpointed_name(3),))
+  assert list(compiled) == ["bptt checkpoint_every=3"]
+  with pytest.raises(ValueError, match=r"names must be among \['jaxrnn.bptt', "
+                                       r"'jaxrnn.autodiff_bptt', 'bptt checkpoint_every=3'\]"):
+    bench.compiled_methods(dims, opts, names=("jaxrnn.grad",))
+
+
 def test_bench_heap_option_moves_memory_not_values():
   """``--heap_mib``: XLA's temp memory split into heaps; same results, bit for bit."""
   import bench
@@ -167,8 +178,8 @@ def test_profile_smoke(tmp_path):
     pytest.skip("profile_ops.py reads XLA:CPU's thread events")
   import profile_ops as prof
   result = prof.main(["--smoke", "--out", str(tmp_path)])
-  stems = {p.suffix for p in tmp_path.iterdir()}
-  assert stems == {".json", ".md", ".png"}
+  suffixes = {p.suffix for p in tmp_path.iterdir()}
+  assert suffixes == {".json", ".md", ".png"}
   T = result["dims"][0]
   runs = [r["runs_per_call"] for r in result["ops"]]
   assert T in runs and T - 1 in runs            # forward loop steps; reverse loop (step 0 peeled)
