@@ -59,6 +59,29 @@ def test_unrolled_single_sequence_and_float32():
     assert_trees_close(got, want, RTOL[dtype])
 
 
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_width_one_layers_in_blocks_equal_autodiff(activation):
+  """Regression: XLA:CPU miscompiled blocks of steps of a width-1 layer.
+
+  Its product becomes a multiplication, and XLA fused a block's chain of steps
+  into the block's in-place store, which then read steps it had already
+  overwritten (openxla/xla#49176). It showed for ``identity`` and ``relu``
+  when a loop made one whole block and a leftover block of two or more
+  steps: T = 9 in blocks of 5, 6 or 7 gave losses off by up to 280%. Such
+  layers now run one step per iteration (``LoopPlan.block_size``).
+  """
+  params, xs, targets = make_problem(1, T=9, B=3, D=2, hidden=(1, 2, 1), O=2,
+                                     activation=activation)
+  for unroll in (5, 6, 7):
+    assert_bptt_equals_autodiff(params, xs, targets, f"unroll={unroll}", unroll=unroll)
+
+
+def test_width_one_layers_run_one_step_per_iteration():
+  plan = rnn.LoopPlan(unroll=7)
+  assert plan.block_size(1) == 1
+  assert plan.block_size(2) == 7
+
+
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "4"])
 def test_unroll_must_be_a_positive_int(bad):
   params, xs, targets = make_problem(0, T=4, B=2, D=D, hidden=(3,), O=O)

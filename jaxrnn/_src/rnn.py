@@ -183,7 +183,8 @@ class LoopPlan(NamedTuple):
   Every choice here changes speed only, never values.
 
   Attributes:
-    unroll: time steps per loop iteration (:func:`block_loop`).
+    unroll: time steps per loop iteration (:func:`block_loop`); see
+      :meth:`block_size` for layers of width 1.
     fused: run a loop as one kernel where :func:`kernels.use_fused` says so
       (False: never; None: on a GPU where the loop qualifies; True: always,
       or a ValueError).
@@ -206,6 +207,22 @@ class LoopPlan(NamedTuple):
   def matmul(self, W, n: int, T: int):
     """:func:`loop_matmul` for a loop of T steps."""
     return loop_matmul(W, n, self.steps or T, self.unroll)
+
+  def block_size(self, H: int) -> int:
+    """Time steps per iteration of a loop over [N, H] states: ``unroll``, but 1 where H = 1.
+
+    A width-1 layer's product is a multiplication to XLA:CPU, so a block of
+    its steps is one chain of elementwise operations, which XLA fuses into
+    the in-place store of the block when the block's start is a constant;
+    that fused store then reads steps it has already overwritten
+    (openxla/xla#49176; an optimization barrier does not stop it on CPU).
+    Seen with ``identity`` and ``relu`` whenever a loop's steps make one
+    whole block and a partial block of two or more (T = 9 in blocks of 5,
+    6 or 7: losses off by up to 280%). One step per iteration reads and
+    writes the same elements only. Wider layers keep their products in the
+    matrix library, which XLA never fuses.
+    """
+    return 1 if H == 1 else self.unroll
 
 
 def scan_layer(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=None):
@@ -242,7 +259,7 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
   ``b_h`` [H], if given, is added inside the step (``xproj`` then holds
   ``h^{l-1}_t W_xh`` only), which saves a pass over the [T, N, H] buffer.
   ``plan``: how the loop runs (:class:`LoopPlan`): one kernel, or a loop of
-  ``plan.unroll`` steps per iteration, each reading its block of projections
+  ``plan.block_size(H)`` steps per iteration, each reading its block of projections
   at once and writing its block of states at once.
   """
   if plan.one_kernel(*h_start.shape, xproj.dtype, valid is not None or reset is not None):
@@ -261,7 +278,7 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
       out.append(h)
     return h, write_block(buf, jnp.stack(out), t0)     # xproj[t] <- h_t
 
-  return block_loop(xproj.shape[0], plan.unroll, block, (h_start, xproj))[1]
+  return block_loop(xproj.shape[0], plan.block_size(xproj.shape[2]), block, (h_start, xproj))[1]
 
 
 def project(inp, layer: LayerParams, bias: bool = True):
@@ -322,19 +339,39 @@ def readout(params, h_top):
   return jnp.einsum("tnh,ho->tno", h_top, params.readout.W_hy) + params.readout.b_y[None, None, :]
 
 
+@jax.custom_jvp
 def log_softmax(out):
   """``[..., O] -> [..., O]``: log softmax(o), accurate also where one class takes p → 1.
 
-  ``log p_j = (o_j − o_a) − log1p(Σ_{i≠a} exp(o_i − o_a))`` with a the largest
-  logit. ``jax.nn.log_softmax`` forms ``log(1 + s)`` instead, which loses the
-  small s in float32: at p_a = 1 − 7e-5 its −log p_a and p_a − 1 were 4e-4
-  off in relative terms. Exact for any o; its autodiff gradient is
-  ``onehot − p`` with ``1 − p_a`` formed as ``s / (1 + s)``, so accurate too.
+  ``log p_j = (o_j − o_a) − log1p(s)``, ``s = Σ_{i≠a} exp(o_i − o_a)``, with a
+  the largest logit. ``jax.nn.log_softmax`` forms ``log(1 + s)`` instead,
+  which loses the small s in float32: at p_a = 1 − 7e-5 its −log p_a and
+  p_a − 1 were 4e-4 off in relative terms.
+
+  Its derivative is a rule of its own, ``d log p = do − Σ_j p_j do_j``
+  written as ``(do − do_a) − Σ_j q_j do_j`` with ``q = p − onehot(a)``,
+  ``q_a = −Σ_{j≠a} p_j``, and the first term set to 0 at a outright. Differentiating the formula above instead forms
+  ``1 − p_a`` as a difference of two terms near 1, so ∂(−log p_a)/∂o_a came
+  out 0 where it is −s/(1 + s): with s = 1.2e-38 in float64 every gradient of
+  a many-to-one loss was wrong in sign (found by a random search against
+  :func:`jaxrnn.bptt` and checked against 80-digit arithmetic).
   """
   top = jax.nn.one_hot(jnp.argmax(out, axis=-1), out.shape[-1], dtype=bool)
   shifted = out - jnp.sum(jnp.where(top, out, 0), axis=-1, keepdims=True)   # o − o_a
   rest = jnp.sum(jnp.where(top, 0, jnp.exp(shifted)), axis=-1, keepdims=True)
   return shifted - jnp.log1p(rest)
+
+
+@log_softmax.defjvp
+def _log_softmax_jvp(primals, tangents):
+  (out,), (d_out,) = primals, tangents
+  logp = log_softmax(out)
+  p = jnp.exp(logp)
+  top = jax.nn.one_hot(jnp.argmax(out, axis=-1), out.shape[-1], dtype=bool)
+  q = jnp.where(top, -jnp.sum(jnp.where(top, 0, p), axis=-1, keepdims=True), p)  # p − onehot(a)
+  d_top = jnp.sum(jnp.where(top, d_out, 0), axis=-1, keepdims=True)               # do_a
+  # zero at a rather than do_a − do_a: then no gradient sums two terms near 1
+  return logp, jnp.where(top, 0, d_out - d_top) - jnp.sum(q * d_out, axis=-1, keepdims=True)
 
 
 def step_losses(out, targets, loss: str):
