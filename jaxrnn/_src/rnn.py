@@ -339,6 +339,11 @@ def readout(params, h_top):
   return jnp.einsum("tnh,ho->tno", h_top, params.readout.W_hy) + params.readout.b_y[None, None, :]
 
 
+def _top_class(out):
+  """``[..., O] -> [..., O]`` bool: one-hot of the largest logit a (the first, on ties)."""
+  return jax.nn.one_hot(jnp.argmax(out, axis=-1), out.shape[-1], dtype=bool)
+
+
 @jax.custom_jvp
 def log_softmax(out):
   """``[..., O] -> [..., O]``: log softmax(o), accurate also where one class takes p → 1.
@@ -356,7 +361,7 @@ def log_softmax(out):
   a many-to-one loss was wrong in sign (found by a random search against
   :func:`jaxrnn.bptt` and checked against 80-digit arithmetic).
   """
-  top = jax.nn.one_hot(jnp.argmax(out, axis=-1), out.shape[-1], dtype=bool)
+  top = _top_class(out)
   shifted = out - jnp.sum(jnp.where(top, out, 0), axis=-1, keepdims=True)   # o − o_a
   rest = jnp.sum(jnp.where(top, 0, jnp.exp(shifted)), axis=-1, keepdims=True)
   return shifted - jnp.log1p(rest)
@@ -367,7 +372,7 @@ def _log_softmax_jvp(primals, tangents):
   (out,), (d_out,) = primals, tangents
   logp = log_softmax(out)
   p = jnp.exp(logp)
-  top = jax.nn.one_hot(jnp.argmax(out, axis=-1), out.shape[-1], dtype=bool)
+  top = _top_class(out)
   q = jnp.where(top, -jnp.sum(jnp.where(top, 0, p), axis=-1, keepdims=True), p)  # p − onehot(a)
   d_top = jnp.sum(jnp.where(top, d_out, 0), axis=-1, keepdims=True)               # do_a
   # zero at a rather than do_a − do_a: then no gradient sums two terms near 1
