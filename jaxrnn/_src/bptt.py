@@ -40,8 +40,8 @@ from jaxrnn._src import checks, kernels, windows
 from jaxrnn._src.activations import get_activation
 from jaxrnn._src.params import LayerParams, Readout, RNNParams
 from jaxrnn._src.rnn import (LoopPlan, at_step, block_loop, default_unroll, forward_layers,
-                             log_softmax, read_block, readout, set_step, step_losses,
-                             weighted_total, write_block)
+                             log_softmax, p_minus_onehot, read_block, readout, set_step,
+                             step_losses, weighted_total, write_block)
 
 
 class _Backward(NamedTuple):
@@ -332,9 +332,7 @@ def _loss_and_output_grad(out, targets, weights, loss, batch, unit_weights=False
     d_out = out - targets
   else:
     p = jnp.exp(log_softmax(out))
-    y = jax.nn.one_hot(targets, out.shape[-1], dtype=bool)
-    # p_y − 1 = −Σ_{j≠y} p_j: a sum of small terms where p_y → 1, no cancellation
-    d_out = jnp.where(y, -jnp.sum(jnp.where(y, 0, p), axis=-1, keepdims=True), p)
+    d_out = p_minus_onehot(p, jax.nn.one_hot(targets, out.shape[-1], dtype=bool))
   return value, d_out if unit_weights else d_out * (weights / batch)[:, :, None]
 
 
