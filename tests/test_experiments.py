@@ -79,20 +79,31 @@ FULL = ("counting", "bitsum", "sine", "truncation")
 
 
 @pytest.fixture(scope="module")
-def full_runs(tmp_path_factory):
+def full_runs(request, tmp_path_factory):
   """The full default configs, run as a user runs them: separate processes with default
   JAX/XLA settings (the suite's float64 and low XLA optimisation level would make
   training several times slower), all started at once. (Starting them with the module,
-  to overlap its smoke tests, was measured slower: the two cores are already busy.)"""
+  to overlap its smoke tests, was measured slower: the two cores are already busy.)
+
+  Only the configs whose tests were selected start (``-k``), and a run that no test
+  waited for (one that failed first, or, under ``--dist load``, another worker's) is
+  killed at the end of the module, never left running."""
   import os
   import subprocess
+  selected = {item.callspec.params["name"] for item in request.session.items
+              if getattr(item, "originalname", "") == "test_full_config_meets_its_targets"}
   root = tmp_path_factory.mktemp("full")
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
   here = pathlib.Path(__file__).resolve().parent.parent / "experiments"
   procs = {name: subprocess.Popen([sys.executable, str(here / f"{name}.py"), "--out",
                                    str(root / name)], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for name in FULL}
-  return root, procs
+                                  stderr=subprocess.STDOUT, text=True)
+           for name in FULL if name in selected}
+  yield root, procs
+  for proc in procs.values():
+    if proc.returncode is None:
+      proc.kill()
+      proc.communicate()
 
 
 @pytest.mark.xdist_group("full_configs")  # one worker starts the runs once (module fixture)

@@ -68,7 +68,9 @@ def test_width_one_layers_in_blocks_equal_autodiff(activation):
   overwritten (openxla/xla#49176). It showed for ``identity`` and ``relu``
   when a loop made one whole block and a leftover block of two or more
   steps: T = 9 in blocks of 5, 6 or 7 gave losses off by up to 280%. Such
-  layers now run one step per iteration (``LoopPlan.block_size``).
+  layers now run one step per iteration where compiled for a CPU
+  (``LoopPlan.blocks``). On a GPU this runs them in blocks, which XLA:GPU
+  compiles right.
   """
   params, xs, targets = make_problem(1, T=9, B=3, D=2, hidden=(1, 2, 1), O=2,
                                      activation=activation)
@@ -76,10 +78,25 @@ def test_width_one_layers_in_blocks_equal_autodiff(activation):
     assert_bptt_equals_autodiff(params, xs, targets, f"unroll={unroll}", unroll=unroll)
 
 
-def test_width_one_layers_run_one_step_per_iteration():
-  plan = rnn.LoopPlan(unroll=7)
-  assert plan.block_size(1) == 1
-  assert plan.block_size(2) == 7
+def test_width_one_layers_run_one_step_per_iteration_where_compiled_for_a_cpu():
+  """``LoopPlan.blocks`` decides by the platform the program is lowered for.
+
+  Exported for a CPU, bptt with ``unroll=7`` is the program of ``unroll=1``
+  for a width-1 layer (one store per loop); exported for a GPU (on any
+  host), it keeps its blocks: a partial block of 2 steps and a loop of whole
+  ones, two stores per loop. A width-2 layer keeps its blocks on both.
+  """
+  from jax import export
+
+  def stores(platform, unroll, hidden):
+    params, xs, targets = make_problem(1, T=9, B=1, D=2, hidden=hidden, O=2)
+    fn = jax.jit(lambda p, x, y: jaxrnn.bptt(p, x, y, unroll=unroll))
+    module = export.export(fn, platforms=[platform])(params, xs, targets).mlir_module()
+    return module.count("stablehlo.dynamic_update_slice")
+
+  assert stores("cpu", 7, (1,)) == stores("cpu", 1, (1,)) == 2
+  assert stores("cuda", 7, (1,)) == 4
+  assert stores("cpu", 7, (2,)) == stores("cuda", 7, (2,)) == 4
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "4"])

@@ -39,7 +39,7 @@ from jax import lax
 from jaxrnn._src import checks, kernels, windows
 from jaxrnn._src.activations import get_activation
 from jaxrnn._src.params import LayerParams, Readout, RNNParams
-from jaxrnn._src.rnn import (LoopPlan, at_step, block_loop, default_unroll, forward_layers,
+from jaxrnn._src.rnn import (LoopPlan, at_step, default_unroll, forward_layers,
                              log_softmax, p_minus_onehot, read_block, readout, set_step,
                              step_losses, weighted_total, write_block)
 
@@ -71,7 +71,7 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
     dh_end: [N, H] T-delta arriving from the step after the last (None:
       zero), for segment-by-segment backward passes.
     plan: how the loop runs (``rnn.LoopPlan``): one kernel (not with
-      ``keep_deltas``), or ``plan.block_size(H)`` steps per iteration, each reading
+      ``keep_deltas``), or ``plan.unroll`` steps per iteration (``plan.blocks``), each reading
       its block of g, h and masks at once and writing its δz at once.
 
   Returns:
@@ -141,8 +141,7 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
     Z, dh_next = kernels.reverse_loop(delta, W_hh, hs, g, init[0])
     dh_reset = deltas = None
   else:
-    dh_next, dh_reset, Z, deltas = block_loop(T - 1, plan.block_size(hs.shape[2]), block, init,
-                                              reverse=True)
+    dh_next, dh_reset, Z, deltas = plan.blocks(T - 1, hs.shape[2], block, init, reverse=True)
   v_0, r_0 = (None if a is None else a[0] for a in (valid_, reset_))
   dh, dz0 = local(hs_[0], v_0, flat(g0[None])[0], dh_next)
   d_start, dh_reset = back(v_0, r_0, dh, dz0, dh_reset)
@@ -506,8 +505,8 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
       once. None: 1 on CPU, where that is fastest, and 16 on other
       backends, where every loop iteration has a fixed launch cost (on an
       H100, 1.7-3.0x faster than 1; see README, "On a GPU"). Layers of
-      width 1 always run one step per iteration (``rnn.LoopPlan.block_size``:
-      blocks of them trip an XLA:CPU bug).
+      width 1 compiled for a CPU run one step per iteration
+      (``rnn.LoopPlan.blocks``: blocks of them trip an XLA:CPU bug).
     fused: None, True or False (static): run a loop as one GPU kernel
       (Pallas, Triton backend) that keeps W_hh on chip and does all T steps
       itself. None: on a GPU, each loop that qualifies (no ``lengths`` or
