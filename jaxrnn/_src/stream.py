@@ -36,7 +36,7 @@ class StreamState(NamedTuple):
   h_start: Tuple[jax.Array, ...]  # one [B, H_l]: state before the kept steps
   h_init: Tuple[jax.Array, ...]   # one [B, H_l]: the state a reset restores
   xs_kept: jax.Array              # [P, B, D] inputs of the last P = tau_max - tau_b steps
-  resets_kept: jax.Array          # [P, B] bool, their resets
+  resets_kept: jax.Array          # [P, B] bool, their resets (the warm-up reset included)
   kept: jax.Array                 # int32 scalar, how many kept steps are real (<= P)
   steps: jax.Array                # int32 scalar, steps of the stream consumed so far
 
@@ -69,6 +69,9 @@ def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, los
   xs_w = jnp.concatenate([state.xs_kept, xs.astype(state.xs_kept.dtype)], axis=0)
   # Kept positions that are not yet real (start of the stream) are dropped by
   # a reset at the first real position: the window then starts from h_init.
+  # The reset stays with the kept steps, so that the window that first holds
+  # exactly P real kept steps (kept + tau_b = P) still resets at position 0:
+  # its h_start is a state of the not-yet-real steps.
   pos = jnp.arange(tau_max, dtype=jnp.int32)
   warmup = (pos == P - state.kept) & (state.kept < P)
   resets_w = jnp.concatenate([state.resets_kept, resets], axis=0) | warmup[:, None]
@@ -91,7 +94,7 @@ def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, los
       h_start=tuple(h[tau_b - 1] for h in hs),  # the next window starts tau_b steps later
       h_init=state.h_init,
       xs_kept=xs_w[tau_b:],
-      resets_kept=resets_w[tau_b:] & ~warmup[tau_b:, None],
+      resets_kept=resets_w[tau_b:],
       kept=jnp.minimum(state.kept + tau_b, P).astype(jnp.int32),
       steps=state.steps + tau_b)
   return value, grads, new_state
