@@ -71,8 +71,8 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
     dh_end: [N, H] T-delta arriving from the step after the last (None:
       zero), for segment-by-segment backward passes.
     plan: how the loop runs (``rnn.LoopPlan``): one kernel (not with
-      ``keep_deltas``), or ``plan.unroll`` steps per iteration (``plan.blocks``), each reading
-      its block of g, h and masks at once and writing its δz at once.
+      ``keep_deltas``), or ``plan.unroll`` steps per iteration (``plan.blocks``),
+      each reading its block of g, h and masks at once and writing its δz at once.
 
   Returns:
     Z [T, N, H] (``Z[t-1] = δz_t``, ``Z[T-1] = 0``; the buffer of ``g``);

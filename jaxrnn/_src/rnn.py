@@ -272,8 +272,8 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
   ``b_h`` [H], if given, is added inside the step (``xproj`` then holds
   ``h^{l-1}_t W_xh`` only), which saves a pass over the [T, N, H] buffer.
   ``plan``: how the loop runs (:class:`LoopPlan`): one kernel, or a loop of
-  ``plan.unroll`` steps per iteration (:meth:`LoopPlan.blocks`), each reading its block of projections
-  at once and writing its block of states at once.
+  ``plan.unroll`` steps per iteration (:meth:`LoopPlan.blocks`), each reading
+  its block of projections at once and writing its block of states at once.
   """
   if plan.one_kernel(*h_start.shape, xproj.dtype, valid is not None or reset is not None):
     return kernels.forward_loop(functools.partial(masked_step, None, f), W_hh, xproj,
