@@ -17,15 +17,16 @@ def capture():
       update=lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
 
 
-def _run(stream, params, xs, targets, tau_b, resets=None):
-  opt_state, state = stream.init(params, xs.shape[1])
+def _run(stream, params, xs, targets, tau_b, resets=None, loss_weights=None, h0=None):
+  opt_state, state = stream.init(params, xs.shape[1], h0=h0)
   grads, losses = [], []
+  chunk = lambda a, sl: None if a is None else a[sl]
   with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
     for c in range(xs.shape[0] // tau_b):
       sl = slice(c * tau_b, (c + 1) * tau_b)
       params, opt_state, state, loss = stream.step(
-          params, opt_state, state, xs[sl], targets[sl],
-          None if resets is None else resets[sl])
+          params, opt_state, state, xs[sl], targets[sl], chunk(resets, sl),
+          chunk(loss_weights, sl))
       grads.append(opt_state)
       losses.append(loss)
   return params, grads, losses, state
@@ -77,15 +78,7 @@ def test_chunks_with_h0_resets_and_loss_weights_sum_to_bptt(tau_b, tau_max, meth
   resets = jnp.asarray(rng.random((T, B)) < 0.2)
   weights = jnp.asarray(rng.uniform(0, 2, size=(T, B)))
   stream = jaxrnn.make_tbptt_stream(capture(), tau_b=tau_b, tau_max=tau_max, method=method)
-  opt_state, state = stream.init(params, B, h0=h0)
-  grads, losses = [], []
-  with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
-    for c in range(T // tau_b):
-      sl = slice(c * tau_b, (c + 1) * tau_b)
-      _, opt_state, state, loss = stream.step(params, opt_state, state, xs[sl], targets[sl],
-                                              resets[sl], weights[sl])
-      grads.append(opt_state)
-      losses.append(loss)
+  _, grads, losses, state = _run(stream, params, xs, targets, tau_b, resets, weights, h0)
   value, total = jaxrnn.bptt(params, xs, targets, tau_b=tau_b, tau_max=tau_max, h0=h0,
                             resets=resets, loss_weights=weights)
   np.testing.assert_allclose(sum(losses), value, rtol=1e-10)
