@@ -52,6 +52,23 @@ def test_newest_corrupted_or_truncated_checkpoint_falls_back(tmp_path):
   assert len(warned) == 3 and "the state expects" in warned[2] and "ckpt_000000010" in warned[2]
 
 
+def test_checkpoints_are_ordered_by_step_number_and_keep_is_checked(tmp_path):
+  template = _state()
+  for step in (999_999_999, 1_000_000_000, 1_000_000_001):  # the name grows a digit
+    persist.save(tmp_path, step, template, {}, keep=2)
+  (tmp_path / "ckpt_best.npz").write_bytes(b"not a checkpoint of a step")
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "ckpt_1000000000.npz", "ckpt_1000000001.npz", "ckpt_best.npz"]
+  _, record = persist.load_latest(tmp_path, template)
+  assert record["step"] == 1_000_000_001
+  for kw, words in ((dict(keep=0), ["keep", ">= 1", "0"]), (dict(step=-1), ["step", ">= 0"]),
+                    (dict(step=1.0), ["step", "int", "float"])):
+    with pytest.raises(ValueError) as info:
+      persist.save(tmp_path, **dict(dict(step=5, state=template, record={}), **kw))
+    assert all(w in str(info.value) for w in words), str(info.value)
+  assert len(list(tmp_path.iterdir())) == 3  # nothing written, nothing deleted
+
+
 def _load_latest_warned(path, template):
   """``persist.load_latest`` and the messages of every RuntimeWarning it raised (at least one)."""
   with pytest.warns(RuntimeWarning) as record:

@@ -10,9 +10,9 @@ import jaxrnn
 from helpers import assert_trees_close, make_problem
 
 
-def _fit(method, params, xs, targets, steps=15, **kw):
+def _fit(method, params, xs, targets, steps=15, manual_kw=None, **kw):
   opt = optax.adam(0.05)
-  step = jaxrnn.make_train_step(opt, method=method, **kw)
+  step = jaxrnn.make_train_step(opt, method=method, **kw, **(manual_kw or {}))
   return jaxrnn.fit(step, params, opt.init(params), lambda i: dict(xs=xs * (1 + 0.01 * i),
                                                                    targets=targets),
                     steps, log_every=1, progress=False)
@@ -27,6 +27,18 @@ def test_manual_and_autodiff_trajectories_agree(kw):
   assert_trees_close(a.params, b.params, 1e-9)
   np.testing.assert_allclose(a.history["loss"], b.history["loss"], rtol=1e-10)
   assert a.history["loss"][-1] < a.history["loss"][0]
+
+
+def test_checkpointed_and_unrolled_training_follows_the_autodiff_trajectory():
+  params, xs, targets = make_problem(3, T=9, B=2, hidden=(4, 3))
+  a = _fit("manual", params, xs, targets, tau_max=5, manual_kw=dict(checkpoint_every=2, unroll=4))
+  b = _fit("autodiff", params, xs, targets, tau_max=5)
+  assert_trees_close(a.params, b.params, 1e-9)
+  np.testing.assert_allclose(a.history["loss"], b.history["loss"], rtol=1e-10)
+  # the options reach bptt: fused=True with lengths is refused at trace time
+  step = jaxrnn.make_train_step(optax.sgd(0.1), fused=True)
+  with pytest.raises(ValueError, match="fused=True: this loop can't be fused"):
+    step(params, optax.sgd(0.1).init(params), xs, targets, lengths=jnp.array([3, 9]))
 
 
 def test_clip_norm_bounds_the_update():
@@ -88,9 +100,36 @@ def test_fit_is_deterministic():
     (dict(loss="hinge"), ["loss", "'hinge'"]),
     (dict(clip_norm=-1.0), ["clip_norm", "-1.0"]),
     (dict(tau_max=2, tau_b=4), ["tau_max must be >= tau_b"]),
+    (dict(checkpoint_every=0), ["checkpoint_every", ">= 1", "0"]),
+    (dict(unroll=2.0), ["unroll", "int", "2.0"]),
+    (dict(fused="yes"), ["fused", "'yes'"]),
+    (dict(method="autodiff", checkpoint_every=4, unroll=2),
+     ["checkpoint_every, unroll only apply to method='manual'", "checkpoint_every=4", "unroll=2"]),
 ])
 def test_bad_train_options(kw, words):
   with pytest.raises(ValueError) as info:
     jaxrnn.make_train_step(optax.sgd(0.1), **kw)
   for w in words:
     assert w in str(info.value)
+
+
+@pytest.mark.parametrize("kw,exc,words", [
+    (dict(num_steps=-1), ValueError, ["num_steps", ">= 0", "-1"]),
+    (dict(num_steps=2.5), ValueError, ["num_steps", "int", "2.5"]),
+    (dict(log_every=0), ValueError, ["log_every", ">= 1", "0"]),
+    (dict(checkpoint_every=0), ValueError, ["checkpoint_every", ">= 1", "0"]),
+    (dict(max_consecutive_skips=True), ValueError, ["max_consecutive_skips", "True"]),
+    (dict(batches=[{}]), TypeError, ["batches", "callable", "list"]),
+])
+def test_bad_fit_options(kw, exc, words, tmp_path):
+  params, xs, y = make_problem(0, T=3, B=1)
+  opt = optax.sgd(0.1)
+  args = dict(step=jaxrnn.make_train_step(opt), params=params, opt_state=opt.init(params),
+              batches=lambda i: dict(xs=xs, targets=y), num_steps=2, progress=False,
+              checkpoint_dir=tmp_path)
+  args.update(kw)
+  with pytest.raises(exc) as info:
+    jaxrnn.fit(**args)
+  for w in words:
+    assert w in str(info.value)
+  assert not list(tmp_path.iterdir())  # raised before any step or checkpoint

@@ -89,15 +89,17 @@ def output_size(params) -> int:
   return _shape(params.readout.W_hy)[1]
 
 
-def check_int_option(name: str, value, *, allow_none: bool = True) -> Optional[int]:
-  """Checks a static positive-integer option such as ``tau_max``."""
+def check_int_option(name: str, value, *, allow_none: bool = True,
+                     minimum: int = 1) -> Optional[int]:
+  """Checks a static integer option such as ``tau_max`` (at least ``minimum``)."""
   if value is None and allow_none:
     return None
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}; "
+    kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    raise ValueError(f"{name} must be {kind}{' or None' if allow_none else ''}; "
                      f"got {value!r} ({type(value).__name__}).")
-  if value < 1:
-    raise ValueError(f"{name} must be >= 1; got {value}.")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}; got {value}.")
   return int(value)
 
 

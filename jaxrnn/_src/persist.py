@@ -15,13 +15,23 @@ import io
 import json
 import os
 import pathlib
+import re
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import numpy as np
 
+from jaxrnn._src import checks
+
 PATTERN = "ckpt_{:09d}.npz"
+_NAME = re.compile(r"ckpt_(\d+)\.npz")
+
+
+def _checkpoints(directory: pathlib.Path):
+  """The checkpoint files in ``directory``, oldest step first (by number, not by name)."""
+  steps = {p: int(m[1]) for p in directory.glob("ckpt_*.npz") if (m := _NAME.fullmatch(p.name))}
+  return sorted(steps, key=steps.get)
 
 
 def _digest(arrays, record: str) -> str:
@@ -40,8 +50,10 @@ def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> 
     step: the number of completed steps (names the file).
     state: a pytree of arrays (params, optimizer state, ...).
     record: JSON-serialisable data (metrics so far, counters, data position).
-    keep: how many checkpoints to keep.
+    keep: how many checkpoints to keep (>= 1).
   """
+  step = checks.check_int_option("step", step, allow_none=False, minimum=0)
+  keep = checks.check_int_option("keep", keep, allow_none=False)
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   arrays = [np.asarray(x) for x in jax.tree.leaves(state)]
@@ -55,7 +67,7 @@ def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> 
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
-  for old in sorted(directory.glob("ckpt_*.npz"))[:-keep]:
+  for old in _checkpoints(directory)[:-keep]:
     old.unlink()
   return path
 
@@ -68,7 +80,7 @@ def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
   """
   directory = pathlib.Path(directory)
   leaves, treedef = jax.tree.flatten(template)
-  for path in sorted(directory.glob("ckpt_*.npz"), reverse=True):
+  for path in reversed(_checkpoints(directory)):
     try:
       # The file is opened here: np.load leaves it open when the zip is unreadable.
       with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:

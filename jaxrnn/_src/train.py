@@ -6,6 +6,7 @@ stops with :class:`NonFiniteError` after too many in a row. Nothing silently
 turns the parameters into NaN.
 """
 
+import functools
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import jax
@@ -33,7 +34,8 @@ class NonFiniteError(RuntimeError):
 def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "manual",
                     loss: str = "mse", many_to_one: bool = False,
                     tau_max: Optional[int] = None, tau_b: Optional[int] = None,
-                    clip_norm: Optional[float] = None) -> Callable:
+                    clip_norm: Optional[float] = None, checkpoint_every: Optional[int] = None,
+                    unroll: Optional[int] = None, fused: Optional[bool] = None) -> Callable:
   """A jitted optax train step on ``jaxrnn.bptt`` or ``jaxrnn.autodiff_bptt``.
 
   Args:
@@ -45,6 +47,10 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
     clip_norm: if given, gradients are clipped to this global norm before the
       optimizer sees them (``optax.clip_by_global_norm``; stateless, so the
       optimizer state is ``optimizer.init(params)`` either way).
+    checkpoint_every, unroll, fused: options of the manual method, as for
+      :func:`jaxrnn.bptt` (for example ``checkpoint_every=100`` trains on
+      long sequences in the memory-efficient mode); a ValueError with
+      ``method="autodiff"``.
 
   Returns:
     ``step(params, opt_state, xs, targets, *, h0=None, lengths=None,
@@ -63,7 +69,18 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
   # Clipping is stateless, so it is applied to the gradients directly and the
   # caller's ``optimizer.init(params)`` state stays the one the step expects.
   clip = None if clip_norm is None else optax.clip_by_global_norm(clip_norm)
-  grad_fn = GRAD_METHODS[method]
+  manual_options = dict(checkpoint_every=checkpoint_every, unroll=unroll, fused=fused)
+  given = [k for k, v in manual_options.items() if v is not None]
+  if method == "manual":
+    checks.check_int_option("checkpoint_every", checkpoint_every)
+    checks.check_int_option("unroll", unroll)
+    checks.check_optional_bool("fused", fused)
+    grad_fn = functools.partial(bptt, **manual_options)
+  elif given:
+    raise ValueError(f"{', '.join(given)} only apply to method='manual'; got method={method!r} "
+                     f"with {', '.join(f'{k}={manual_options[k]!r}' for k in given)}.")
+  else:
+    grad_fn = autodiff_bptt
 
   @jax.jit
   def step(params, opt_state, xs, targets, *, h0=None, lengths=None, loss_weights=None,
@@ -121,7 +138,21 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
 
   Returns:
     ``FitResult(params, opt_state, history, skipped)``.
+
+  Raises:
+    ValueError: ``num_steps`` is not an int >= 0, or ``log_every``,
+      ``checkpoint_every`` or ``max_consecutive_skips`` is not an int >= 1
+      (checked before any step runs).
+    TypeError: ``step`` or ``batches`` is not callable.
+    NonFiniteError: ``max_consecutive_skips`` steps in a row were skipped.
   """
+  for name, fn in (("step", step), ("batches", batches)):
+    if not callable(fn):
+      raise TypeError(f"{name} must be callable; got {type(fn).__name__}.")
+  num_steps = checks.check_int_option("num_steps", num_steps, allow_none=False, minimum=0)
+  for name, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
+                      ("max_consecutive_skips", max_consecutive_skips)):
+    checks.check_int_option(name, value, allow_none=False)
   history = {"step": [], "loss": [], "grad_norm": []}
   skipped = consecutive = start = 0
   if checkpoint_dir is not None and resume:
