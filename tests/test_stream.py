@@ -137,6 +137,50 @@ def test_bad_stream_options(kw, words):
     assert w in str(info.value)
 
 
+@pytest.mark.parametrize("case,exc,words", [
+    ("batch", ValueError, ["state does not fit", "(B = 1)", "state.h has shape ((2, 4), (2, 3))",
+                           "expected ((1, 4), (1, 3))", "state.xs_kept has shape (1, 2, 2)"]),
+    ("hidden", ValueError, ["state.h has shape ((2, 4), (2, 3)), expected ((2, 5),)"]),
+    ("other_stream", ValueError, ["tau_max - tau_b = 2", "state.xs_kept has shape (1, 2, 2), "
+                                  "expected (2, 2, 2)", "state.resets_kept"]),
+    ("not_state", TypeError, ["state must be the StreamState", "tuple"]),
+    ("D", ValueError, ["xs has input size D = 5", "D = 2"]),
+    ("int_xs", TypeError, ["xs must have a floating dtype", "int32"]),
+    ("targets", ValueError, ["targets must have shape [T, B, O] = (3, 2, 2)", "(3, 2, 1)"]),
+    ("resets", TypeError, ["resets must have dtype bool", "float"]),
+    ("weights", TypeError, ["loss_weights must have a floating dtype", "int32"]),
+])
+def test_bad_chunks_raise_clear_errors(case, exc, words):
+  """Each chunk is checked against the params and the state before anything runs."""
+  params, xs, targets = make_problem(0, T=3, B=2, D=2, hidden=(4, 3), O=2)
+  stream = jaxrnn.make_tbptt_stream(optax.sgd(0.1), tau_b=3, tau_max=4)
+  opt_state, state = stream.init(params, 2)
+  args = [params, opt_state, state, xs, targets]
+  kw = {}
+  if case == "batch":
+    args[3:] = xs[:, :1], targets[:, :1]
+  elif case == "hidden":
+    args[0] = make_problem(0, T=3, B=2, D=2, hidden=(5,), O=2)[0]
+  elif case == "other_stream":
+    stream = jaxrnn.make_tbptt_stream(optax.sgd(0.1), tau_b=3, tau_max=5)
+  elif case == "not_state":
+    args[2] = tuple(state)
+  elif case == "D":
+    args[3] = jnp.ones((3, 2, 5), xs.dtype)
+  elif case == "int_xs":
+    args[3] = xs.astype(jnp.int32)
+  elif case == "targets":
+    args[4] = targets[..., :1]
+  elif case == "resets":
+    kw["resets"] = jnp.zeros((3, 2))
+  else:
+    kw["loss_weights"] = jnp.ones((3, 2), jnp.int32)
+  with pytest.raises(exc) as info:
+    stream.step(*args, **kw)
+  for w in words:
+    assert w in str(info.value), (w, str(info.value))
+
+
 def test_wrong_chunk_length():
   params, xs, targets = make_problem(0, T=6, B=2)
   stream = jaxrnn.make_tbptt_stream(optax.sgd(0.1), tau_b=4)

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxrnn._src import checks
@@ -129,6 +130,9 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
       True the state is reset to the stream's initial state: document
       boundaries), loss_weights [tau_b, B] float. A stream has no end, so
       ``lengths`` does not apply; mark padding with zero loss weights.
+      Each chunk is checked at trace time as :func:`jaxrnn.bptt` checks its
+      inputs, and the state against the params and the chunk's batch size
+      (ValueError/TypeError naming the argument and the shapes).
 
   Example:
     >>> stream = jaxrnn.make_tbptt_stream(optax.adam(1e-3), tau_b=25, loss="xent")
@@ -160,14 +164,34 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
                         kept=jnp.zeros((), jnp.int32), steps=jnp.zeros((), jnp.int32))
     return optimizer.init(params), state
 
-  @jax.jit
-  def step(params, opt_state, state, xs, targets, resets=None, loss_weights=None):
+  def check_chunk(params, state, xs, targets, resets, loss_weights):
+    """Trace-time checks of one chunk against the params and the stream's state."""
+    if not hasattr(xs, "shape"):
+      xs = jnp.asarray(xs)
     if xs.ndim != 3 or xs.shape[0] != tau_b:
       raise ValueError(f"xs must have shape [tau_b, B, D] with tau_b = {tau_b}; "
                        f"got {xs.shape}.")
-    for name, a in (("resets", resets), ("loss_weights", loss_weights)):
-      if a is not None and a.shape != xs.shape[:2]:
-        raise ValueError(f"{name} must have shape [tau_b, B] = {xs.shape[:2]}; got {a.shape}.")
+    # the chunk alone, as bptt would see it: names the argument on any mismatch
+    checks.prepare(params, xs, targets, loss=loss, loss_weights=loss_weights, resets=resets)
+    if not isinstance(state, StreamState):
+      raise TypeError(f"state must be the StreamState of this stream's init; "
+                      f"got {type(state).__name__}.")
+    _, B, D = xs.shape
+    hs = tuple((B, h) for h in checks.hidden_sizes(params))
+    want = StreamState(h=hs, h_start=hs, h_init=hs, xs_kept=(P, B, D), resets_kept=(P, B),
+                       kept=(), steps=())
+    got = jax.tree.map(np.shape, state)
+    wrong = [f"state.{name} has shape {g}, expected {w}"
+             for name, g, w in zip(StreamState._fields, got, want) if g != w]
+    if wrong:
+      raise ValueError(f"state does not fit this stream (tau_max - tau_b = {P}), params and "
+                       f"chunk (B = {B}): {'; '.join(wrong)}. Make it with this stream's "
+                       f"init(params, batch_size).")
+    return xs
+
+  @jax.jit
+  def step(params, opt_state, state, xs, targets, resets=None, loss_weights=None):
+    xs = check_chunk(params, state, xs, targets, resets, loss_weights)
     value, grads, state = window_grads(params, state, xs, targets, tau_b=tau_b,
                                        tau_max=tau_max, loss=loss, method=method,
                                        resets=resets, loss_weights=loss_weights)
