@@ -57,3 +57,21 @@ def test_forward_bad_input():
     jaxrnn.forward(P, XS[0])
   with pytest.raises(TypeError, match="params must be an RNNParams"):
     jaxrnn.forward({"W": 1}, XS)
+
+
+@pytest.mark.parametrize("args,exc,words", [
+    (lambda l: (l, jnp.zeros((2, 5)), jnp.zeros((2, 4))), ValueError,
+     ["x", "[B, D] = (2, 3)", "(2, 4)"]),
+    (lambda l: (l, jnp.zeros((5,)), jnp.zeros((3,))), ValueError, ["h", "[B, H]", "H = 5", "(5,)"]),
+    (lambda l: (l, jnp.zeros((2, 4)), jnp.zeros((2, 3))), ValueError, ["h", "H = 5", "(2, 4)"]),
+    (lambda l: (l._replace(b_h=jnp.zeros(4)), jnp.zeros((2, 5)), jnp.zeros((2, 3))), ValueError,
+     ["layer", "b_h [H]", "(4,)"]),
+    (lambda l: (tuple(l), jnp.zeros((2, 5)), jnp.zeros((2, 3))), TypeError, ["layer", "tuple"]),
+])
+def test_elman_step_bad_input(args, exc, words):
+  with pytest.raises(exc) as info:
+    jax.jit(jaxrnn.elman_step).lower(*args(P.layers[0]))
+  for w in words:
+    assert w in str(info.value), (w, str(info.value))
+  with pytest.raises(ValueError, match="activation"):
+    jaxrnn.elman_step(P.layers[0], jnp.zeros((2, 5)), jnp.zeros((2, 3)), activation="gelu")

@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from jaxrnn._src import checks, kernels
 from jaxrnn._src.activations import get_activation
@@ -42,8 +43,24 @@ def elman_step(layer: LayerParams, h: jax.Array, x: jax.Array, *,
 
   Returns:
     ``(h_t, h_t)``: the new carry and the step's output, both [B, H].
+
+  Raises:
+    ValueError/TypeError at trace time, naming the argument, when the shapes
+    do not fit together or ``activation`` is unknown.
   """
   f = get_activation(activation).fn
+  if not isinstance(layer, LayerParams):
+    raise TypeError(f"layer must be a LayerParams (one of params.layers); "
+                    f"got {type(layer).__name__}.")
+  D, H = np.shape(layer.W_xh)
+  B = np.shape(h)[0] if np.ndim(h) == 2 else None
+  if (np.shape(layer.W_hh), np.shape(layer.b_h)) != ((H, H), (H,)):
+    raise ValueError(f"layer must have W_xh [D, H], W_hh [H, H], b_h [H]; got shapes "
+                     f"{np.shape(layer.W_xh)}, {np.shape(layer.W_hh)}, {np.shape(layer.b_h)}.")
+  if B is None or np.shape(h) != (B, H):
+    raise ValueError(f"h must have shape [B, H] with H = {H}; got {np.shape(h)}.")
+  if np.shape(x) != (B, D):
+    raise ValueError(f"x must have shape [B, D] = {(B, D)}; got {np.shape(x)}.")
   h_new = f(x @ layer.W_xh + h @ layer.W_hh + layer.b_h[None, :])
   return h_new, h_new
 
