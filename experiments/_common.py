@@ -1,17 +1,21 @@
 """Shared plumbing of the experiment scripts: config from the command line, results, timing."""
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
 import pathlib
 import statistics
 import time
+import typing
 from typing import Any, Callable, Dict, Sequence, Type, TypeVar
 
 import jax
 
 C = TypeVar("C")
+GRADS = ("manual", "autodiff")     # --grad: jaxrnn.bptt or jaxrnn.autodiff_bptt
+DTYPES = ("float32", "float64")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -27,19 +31,78 @@ def parse_config(cls: Type[C], argv: Sequence[str] | None = None, smoke: C | Non
   for f in fields:
     kind = f.type if isinstance(f.type, type) else type(f.default)
     if kind is bool:
-      parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"),
-                          default=None, help=f"(default {f.default})")
+      parser.add_argument(f"--{f.name}", type=_boolean, default=None,
+                          help=f"(default {f.default})")
     elif kind in (int, float, str):
       parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
-    else:  # tuples and optionals: a Python literal
-      import ast
-      parser.add_argument(f"--{f.name}", type=ast.literal_eval, default=None,
+    else:  # tuples and optionals: a Python literal like the default
+      parser.add_argument(f"--{f.name}", type=_literal_like(f.default, f.type), default=None,
                           help=f"(default {f.default!r})")
   args = parser.parse_args(argv)
   base = smoke if (args.smoke and smoke is not None) else cls()
   overrides = {f.name: getattr(args, f.name) for f in fields
                if getattr(args, f.name) is not None}
-  return dataclasses.replace(base, **overrides)
+  try:
+    return dataclasses.replace(base, **overrides)
+  except ValueError as e:  # a config's own checks (__post_init__): a usage error
+    parser.error(str(e))
+
+
+def _boolean(text: str) -> bool:
+  if text.lower() in ("1", "true", "yes"):
+    return True
+  if text.lower() in ("0", "false", "no"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true or false (1/0, yes/no); got {text!r}")
+
+
+def _literal_like(default, annotation):
+  """An argparse type: a Python literal of the default's kind (a tuple of numbers, ...);
+  ``Tuple[float, float]`` also fixes the length."""
+  args = typing.get_args(annotation)
+  length = len(args) if args and typing.get_origin(annotation) is tuple and ... not in args \
+      else None
+
+  def parse(text: str):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      raise argparse.ArgumentTypeError(f"expected a Python literal like {default!r}; "
+                                       f"got {text!r}") from None
+    if isinstance(default, tuple):
+      value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+      kinds = {type(x) for x in default} or {int, float, str}
+      number = kinds <= {int, float}
+      if not all(type(x) in kinds or (number and type(x) is int) for x in value):
+        raise argparse.ArgumentTypeError(f"expected a tuple like {default!r}; got {text!r}")
+      if length is not None and len(value) != length:
+        raise argparse.ArgumentTypeError(f"expected a tuple of {length} like {default!r}; "
+                                         f"got {text!r}")
+    return value
+  parse.__name__ = "literal"  # argparse names the type in its messages
+  return parse
+
+
+def check_config(cfg, *, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
+                 choices: Dict[str, Sequence[Any]] | None = None) -> None:
+  """Raises a ValueError naming ``--field`` when a config value is out of range.
+
+  ``positive``/``non_negative``: fields that must be > 0 / >= 0 (for a tuple,
+  every element, and the tuple must not be empty); ``choices``: field ->
+  allowed values.
+  """
+  for names, sign, ok in ((positive, "> 0", lambda v: v > 0),
+                          (non_negative, ">= 0", lambda v: v >= 0)):
+    for name in names:
+      value = getattr(cfg, name)
+      values = value if isinstance(value, tuple) else (value,)
+      if not values or not all(ok(v) for v in values):
+        what = "a non-empty tuple with every element " if isinstance(value, tuple) else ""
+        raise ValueError(f"--{name} must be {what}{sign}; got {value!r}.")
+  for name, allowed in (choices or {}).items():
+    if getattr(cfg, name) not in allowed:
+      raise ValueError(f"--{name} must be one of {tuple(allowed)}; "
+                       f"got {getattr(cfg, name)!r}.")
 
 
 def results_dir(name: str, out: str | None = None) -> pathlib.Path:
@@ -110,7 +173,7 @@ def pyplot():
 
 def dtype_of(name: str):
   import jax.numpy as jnp
-  if name not in ("float32", "float64"):
+  if name not in DTYPES:
     raise ValueError(f"dtype must be 'float32' or 'float64'; got {name!r}.")
   if name == "float64":
     jax.config.update("jax_enable_x64", True)

@@ -40,7 +40,7 @@ import numpy as np
 import jaxrnn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import parse_config, results_dir, time_interleaved, write_json  # noqa: E402
+from _common import check_config, parse_config, results_dir, time_interleaved, write_json  # noqa: E402
 
 # (T, B, D, H, layers), and optional keyword options of bptt
 GRID = (
@@ -76,6 +76,10 @@ class Config:
   # Rows of the grid to run, by 0-based index (``--points "(2, 5)"``); empty: all.
   # With a subset, the summary's geometric means are over those rows only.
   points: Tuple[int, ...] = ()
+
+  def __post_init__(self):
+    check_config(self, positive=("repeats", "min_time"), non_negative=("heap_mib",),
+                 choices=dict(precision=PRECISIONS))
 
 
 # Environment variables that change the timings without changing the program

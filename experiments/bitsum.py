@@ -22,7 +22,7 @@ import optax
 import jaxrnn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
+from _common import GRADS, DTYPES, check_config, dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,18 @@ class Config:
   dtype: str = "float32"
   smoke: bool = False
   out: str = ""
+
+  def __post_init__(self):
+    check_config(self, positive=("n_sequences", "n_train", "min_bits", "hidden", "steps",
+                                 "truncated_tau_max", "long_bits"),
+                 non_negative=("lr",), choices=dict(grad=GRADS, dtype=DTYPES))
+    if not self.n_train < self.n_sequences:
+      raise ValueError(f"--n_train must be < --n_sequences (the rest is the test set); "
+                       f"got {self.n_train} and {self.n_sequences}.")
+    if not self.min_bits <= self.max_bits:
+      raise ValueError(f"--min_bits must be <= --max_bits; got {self.min_bits} > {self.max_bits}.")
+    if not self.long_bits[0] <= self.long_bits[1]:
+      raise ValueError(f"--long_bits must be (low, high) with low <= high; got {self.long_bits}.")
 
 
 SMOKE = Config(steps=30, smoke=True)

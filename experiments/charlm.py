@@ -29,7 +29,7 @@ import optax
 import jaxrnn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
+from _common import GRADS, DTYPES, check_config, dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
 
 LOG2E = 1.0 / np.log(2.0)
 
@@ -57,6 +57,14 @@ class Config:
   resume: bool = False          # continue from the newest intact checkpoint in <out>/checkpoints
   smoke: bool = False
   out: str = ""
+
+  def __post_init__(self):
+    check_config(self, positive=("hidden", "tau_b", "tau_max", "streams", "steps", "clip_norm",
+                                 "train_chars", "heldout_chars", "heldout_every", "eval_every",
+                                 "temperature", "checkpoint_every"),
+                 non_negative=("lr", "sample_chars"), choices=dict(grad=GRADS, dtype=DTYPES))
+    if self.tau_max < self.tau_b:
+      raise ValueError(f"--tau_max must be >= --tau_b; got {self.tau_max} < {self.tau_b}.")
 
 
 SMOKE = Config(hidden=16, streams=4, steps=12, train_chars=20_000, heldout_chars=5_000,

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import jaxrnn  # noqa: E402
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import parse_config, results_dir, time_interleaved, write_json  # noqa: E402
+from _common import check_config, parse_config, results_dir, time_interleaved, write_json  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,9 @@ class Config:
   repeats: int = 9
   smoke: bool = False
   out: str = ""
+
+  def __post_init__(self):
+    check_config(self, positive=("repeats",))
 
 
 def _problem(case: Case, dtype, seed: int):

@@ -22,7 +22,7 @@ import optax
 import jaxrnn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
+from _common import GRADS, DTYPES, check_config, dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,11 @@ class Config:
   dtype: str = "float32"
   smoke: bool = False
   out: str = ""
+
+  def __post_init__(self):
+    check_config(self, positive=("n_sequences", "length", "steps", "test_length", "grid"),
+                 non_negative=("rprop_lr", "adam_lr", "sgd_lr"),
+                 choices=dict(grad=GRADS, dtype=DTYPES))
 
 
 SMOKE = Config(steps=20, grid=21, smoke=True)

@@ -26,7 +26,7 @@ import numpy as np
 import jaxrnn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
+from _common import GRADS, DTYPES, check_config, dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,14 @@ class Config:
   dtype: str = "float64"        # identity with ρ = 3 grows like 3^T
   smoke: bool = False
   out: str = ""
+
+  def __post_init__(self):
+    check_config(self, positive=("T", "batch", "input_size", "hidden"),
+                 non_negative=("radii", "input_scale"),
+                 choices=dict(grad=GRADS, dtype=DTYPES))
+    if not self.activations or not set(self.activations) <= set(jaxrnn.ACTIVATIONS):
+      raise ValueError(f"--activations must be a non-empty tuple of {sorted(jaxrnn.ACTIVATIONS)}; "
+                       f"got {self.activations!r}.")
 
 
 SMOKE = Config(T=6, hidden=(4, 4), radii=(0.5, 3.0), activations=("tanh", "identity"),

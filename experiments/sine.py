@@ -20,7 +20,7 @@ import optax
 import jaxrnn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
+from _common import GRADS, DTYPES, check_config, dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,12 @@ class Config:
   resume: bool = False         # continue from the newest intact checkpoint
   smoke: bool = False
   out: str = ""
+
+  def __post_init__(self):
+    check_config(self, positive=("n_points", "window", "hidden", "steps", "checkpoint_every"),
+                 non_negative=("noise", "lr"), choices=dict(grad=GRADS, dtype=DTYPES))
+    if self.window >= self.n_points:
+      raise ValueError(f"--window must be < --n_points; got {self.window} >= {self.n_points}.")
 
 
 SMOKE = Config(steps=20, smoke=True)

@@ -30,7 +30,7 @@ import optax
 import jaxrnn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
+from _common import GRADS, DTYPES, check_config, dtype_of, parse_config, pyplot, results_dir, write_json  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,12 @@ class Config:
   dtype: str = "float32"
   smoke: bool = False
   out: str = ""
+
+  def __post_init__(self):
+    check_config(self, positive=("T", "batch", "hidden", "steps", "n_seeds", "success"),
+                 non_negative=("lag", "w_hh_scale", "lr"), choices=dict(grad=GRADS, dtype=DTYPES))
+    if self.lag >= self.T:
+      raise ValueError(f"--lag must be < --T; got {self.lag} >= {self.T}.")
 
 
 SMOKE = Config(steps=5, n_seeds=2, lag=1, T=6, hidden=4, smoke=True)

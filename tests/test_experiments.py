@@ -119,6 +119,32 @@ def test_full_config_meets_its_targets(name, full_runs):
     assert abs(metrics["test_count"] - metrics["test_true_count"]) < 0.05
 
 
+@pytest.mark.parametrize("name,args,words", [
+    ("sine", ["--steps", "0"], "--steps must be > 0; got 0"),
+    ("sine", ["--window", "100"], "--window must be < --n_points; got 100 >= 100"),
+    ("sine", ["--resume", "maybe"], "argument --resume: expected true or false"),
+    ("counting", ["--start", "(1, 2, 3)"], "argument --start: expected a tuple of 2"),
+    ("counting", ["--sgd_lr=-1e-5"], "--sgd_lr must be >= 0"),
+    ("bitsum", ["--hidden", "(4, 0)"], "--hidden must be a non-empty tuple with every element > 0"),
+    ("bitsum", ["--hidden", "('a',)"], "argument --hidden: expected a tuple like (6, 4)"),
+    ("bitsum", ["--min_bits", "9"], "--min_bits must be <= --max_bits; got 9 > 8"),
+    ("charlm", ["--tau_max", "10"], "--tau_max must be >= --tau_b; got 10 < 25"),
+    ("charlm", ["--grad", "numeric"], "--grad must be one of ('manual', 'autodiff')"),
+    ("gradient_flow", ["--activations", "('gelu',)"], "--activations must be a non-empty tuple"),
+    ("truncation", ["--lag", "30"], "--lag must be < --T; got 30 >= 30"),
+    ("compare_gradients", ["--repeats", "0"], "--repeats must be > 0"),
+    ("bench", ["--precision", "tf32"], "--precision must be one of ('default', 'float32')"),
+])
+def test_bad_overrides_are_usage_errors(name, args, words, capsys):
+  """A bad --option stops the script before it runs, with argparse's usage error (exit 2)."""
+  import importlib
+  module = importlib.import_module(name)
+  with pytest.raises(SystemExit) as info:
+    module.parse_config(module.Config, args, smoke=getattr(module, "SMOKE", None))
+  assert info.value.code == 2
+  assert words in capsys.readouterr().err
+
+
 def test_bench_precision_is_checked():
   import bench
   with pytest.raises(ValueError, match="precision must be one of"):
