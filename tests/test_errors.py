@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxrnn
@@ -50,6 +51,17 @@ def test_bad_init(kwargs, words):
     jaxrnn.init_params(jax.random.key(0), 3, **kwargs)
   for w in words:
     assert w in str(info.value)
+
+
+def test_init_takes_one_key_and_any_integer_sizes():
+  for key in (0, jax.random.split(jax.random.key(0), 2), jnp.zeros((3,), jnp.uint32)):
+    with pytest.raises(TypeError, match="key must be one PRNG key"):
+      jaxrnn.init_params(key, 3, (4,))
+  a = jaxrnn.init_params(jax.random.key(0), np.int64(3), np.array([4, 2]), np.int32(2))
+  b = jaxrnn.init_params(jax.random.key(0), 3, (4, 2), 2)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  with pytest.raises(ValueError, match=r"input_size must be a positive int; got 3.0 \(float\)"):
+    jaxrnn.init_params(jax.random.key(0), 3.0, (4,))
 
 
 def test_forward_bad_input():

@@ -8,11 +8,14 @@ Row-vector convention, layer ``l = 1..L`` at step ``t``::
 """
 
 import functools
+import numbers
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxrnn._src import checks
 from jaxrnn._src.activations import get_activation
 
 
@@ -69,7 +72,8 @@ def init_params(
   * ``W_hy``: normal with variance ``1 / H_L``; all biases zero.
 
   Args:
-    key: a PRNG key (``jax.random.key`` or ``PRNGKey``).
+    key: one PRNG key (``jax.random.key`` or ``PRNGKey``); for several
+      initialisations, ``jax.vmap`` over split keys.
     input_size: D, the size of each input vector.
     hidden_sizes: (H_1, ..., H_L), one width per layer (an int means one layer).
     output_size: O, the readout size; None for no readout (outputs = h^L).
@@ -78,22 +82,38 @@ def init_params(
 
   Returns:
     ``RNNParams(layers, readout, activation)``.
+
+  Raises:
+    TypeError: ``key`` is not one key, or ``dtype`` is not floating.
+    ValueError: a size is not an integer >= 1 (NumPy integers are fine), or
+      ``activation`` is unknown.
   """
   get_activation(activation)
-  if isinstance(hidden_sizes, int):
+  if not _is_one_key(key):
+    raise TypeError(f"key must be one PRNG key, jax.random.key(seed) or "
+                    f"jax.random.PRNGKey(seed); got {type(key).__name__} of shape "
+                    f"{np.shape(key)}.")
+  if isinstance(hidden_sizes, numbers.Integral):
     hidden_sizes = (hidden_sizes,)
   hidden_sizes = tuple(hidden_sizes)
   if not hidden_sizes:
     raise ValueError("hidden_sizes must name at least one layer; got ().")
-  for name, size in [("input_size", input_size),
-                     *[(f"hidden_sizes[{i}]", h) for i, h in enumerate(hidden_sizes)],
-                     *([("output_size", output_size)] if output_size is not None else [])]:
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-      raise ValueError(f"{name} must be a positive int; got {size!r}.")
+  check = functools.partial(checks.check_int_option, allow_none=False)
+  input_size = check("input_size", input_size)
+  hidden_sizes = tuple(check(f"hidden_sizes[{i}]", h) for i, h in enumerate(hidden_sizes))
+  output_size = checks.check_int_option("output_size", output_size)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be a floating dtype; got {dtype}.")
 
   return _init(key, input_size, hidden_sizes, output_size, activation, jnp.dtype(dtype))
+
+
+def _is_one_key(key) -> bool:
+  if not hasattr(key, "dtype"):
+    return False
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):  # jax.random.key
+    return np.shape(key) == ()
+  return np.shape(key) == (2,) and key.dtype == jnp.uint32   # jax.random.PRNGKey
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
