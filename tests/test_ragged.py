@@ -179,11 +179,29 @@ def test_bad_options(kw, exc, words):
     (dict(lengths=jnp.array([0, 3, 4])), ["lengths", "[1, 8]", "lengths[0] = 0"]),
     (dict(lengths=jnp.array([3, 9, 4])), ["lengths", "lengths[1] = 9"]),
     (dict(loss_weights=-WEIGHTS), ["loss_weights", ">= 0"]),
+    (dict(_targets=lambda y: y.at[2, 1, 0].set(jnp.nan)), ["targets", "non-finite", "scored"]),
+    (dict(h0=(jnp.full((B, 4), jnp.inf),)), ["h0[0]", "non-finite"]),
+    (dict(_params=lambda p: p._replace(layers=(p.layers[0]._replace(
+        W_hh=p.layers[0].W_hh.at[0, 0].set(jnp.nan)),))), ["params.layers[0].W_hh", "non-finite"]),
+    (dict(checkpoint_every=0), ["checkpoint_every", ">= 1"]),
+    (dict(unroll=2.5), ["unroll", "int"]),
 ])
 def test_validate_inputs_checks_values(kw, words):
   params, xs, targets = make_problem(0, T=T, B=B)
-  jaxrnn.validate_inputs(params, xs, targets, lengths=LENGTHS)  # fine
+  jaxrnn.validate_inputs(params, xs, targets, lengths=LENGTHS, checkpoint_every=3, unroll=2,
+                         fused=False, return_dh0=True)  # fine, with every option of bptt
+  kw = dict(kw)
+  params = kw.pop("_params", lambda p: p)(params)
+  targets = kw.pop("_targets", lambda y: y)(targets)
   with pytest.raises(ValueError) as info:
     jaxrnn.validate_inputs(params, xs, targets, **kw)
   for w in words:
     assert w in str(info.value)
+
+
+def test_validate_inputs_ignores_padded_targets_and_names_unknown_options():
+  params, xs, targets = make_problem(0, T=T, B=B)
+  padded = targets.at[T - 1, 1, 0].set(jnp.nan)  # sequence 1 has length 3 < T
+  jaxrnn.validate_inputs(params, xs, padded, lengths=LENGTHS)
+  with pytest.raises(TypeError, match=r"unknown option\(s\) \['length'\]"):
+    jaxrnn.validate_inputs(params, xs, targets, length=LENGTHS)

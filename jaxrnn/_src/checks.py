@@ -174,6 +174,11 @@ class Inputs(NamedTuple):
   unit_weights: bool = False
 
 
+PREPARE_OPTIONS = ("loss", "many_to_one", "h0", "lengths", "loss_weights", "resets", "tau_max",
+                   "tau_b")
+BPTT_ONLY_OPTIONS = ("return_dh0", "checkpoint_every", "unroll", "fused")
+
+
 def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
             lengths=None, loss_weights=None, resets=None, tau_max=None,
             tau_b=None) -> Inputs:
@@ -298,9 +303,10 @@ def validate_inputs(params, xs, targets=None, **options) -> None:
 
   On top of the trace-time checks every public function already runs, this
   checks what needs concrete values: ``lengths`` in ``[1, T]``, finite
-  ``xs`` at valid steps, non-negative ``loss_weights`` and (xent) class
-  indices in ``[0, O)`` at scored steps. Call it once on your data before a
-  jitted training loop.
+  ``params`` and ``h0``, finite ``xs`` at valid steps, finite non-negative
+  ``loss_weights``, and at scored steps finite (mse) targets or class indices
+  in ``[0, O)`` (xent). Call it once on your data before a jitted training
+  loop.
 
   Args:
     params: RNNParams.
@@ -308,8 +314,24 @@ def validate_inputs(params, xs, targets=None, **options) -> None:
     targets: as for :func:`jaxrnn.loss`, or None to check forward inputs only.
     **options: the keyword options of :func:`jaxrnn.bptt`.
   """
+  options = dict(options)
+  static = {k: options.pop(k) for k in BPTT_ONLY_OPTIONS if k in options}
+  unknown = sorted(set(options) - set(PREPARE_OPTIONS))
+  if unknown:
+    raise TypeError(f"validate_inputs got unknown option(s) {unknown}; the options of "
+                    f"jaxrnn.bptt are {sorted(PREPARE_OPTIONS + BPTT_ONLY_OPTIONS)}.")
+  check_int_option("checkpoint_every", static.get("checkpoint_every"))
+  check_int_option("unroll", static.get("unroll"))
+  check_optional_bool("fused", static.get("fused"))
+  check_optional_bool("return_dh0", static.get("return_dh0"))
   prepared = prepare(params, xs, targets, **options)
   T = np.shape(xs)[0]
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not np.isfinite(np.asarray(leaf)).all():
+      raise ValueError(f"params{jax.tree_util.keystr(path)} has non-finite values.")
+  for l, h in enumerate(prepared.h0):
+    if not np.isfinite(np.asarray(h)).all():
+      raise ValueError(f"h0[{l}] has non-finite values.")
   lengths = options.get("lengths")
   if lengths is not None:
     lengths = np.asarray(lengths)
@@ -324,6 +346,9 @@ def validate_inputs(params, xs, targets=None, **options) -> None:
     w = np.asarray(options["loss_weights"])
     if not np.isfinite(w).all() or (w < 0).any():
       raise ValueError("loss_weights must be finite and >= 0.")
+  if targets is not None and options.get("loss", "mse") == "mse":
+    if not np.isfinite(np.asarray(prepared.targets)).all():
+      raise ValueError("targets has non-finite values at scored steps.")
   if targets is not None and options.get("loss", "mse") == "xent":
     y = np.asarray(prepared.targets)
     O = output_size(params)
