@@ -18,7 +18,7 @@ from jaxrnn._src import checks, persist
 from jaxrnn._src.autodiff import autodiff_bptt
 from jaxrnn._src.bptt import bptt
 
-GRAD_METHODS = {"manual": bptt, "autodiff": autodiff_bptt}
+GRAD_METHODS = ("manual", "autodiff")  # jaxrnn.bptt, jaxrnn.autodiff_bptt
 
 
 class StepMetrics(NamedTuple):
@@ -59,7 +59,7 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
     ``opt_state`` unchanged with ``metrics.skipped`` True.
   """
   if method not in GRAD_METHODS:
-    raise ValueError(f"method must be one of {tuple(GRAD_METHODS)}; got {method!r}.")
+    raise ValueError(f"method must be one of {GRAD_METHODS}; got {method!r}.")
   if loss not in checks.LOSSES:
     raise ValueError(f"loss must be one of {checks.LOSSES}; got {loss!r}.")
   checks.check_truncation(tau_max, tau_b, (tau_max or 0) + 1)
