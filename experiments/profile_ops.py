@@ -50,7 +50,7 @@ import jax
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import bench  # noqa: E402
-from _common import parse_config, pyplot, results_dir, write_json  # noqa: E402
+from _common import check_config, parse_config, pyplot, results_dir, write_json  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,14 @@ class Config:
   smoke: bool = False
   out: str = ""
 
+  def __post_init__(self):
+    check_config(self, positive=("T", "B", "D", "H", "layers", "calls", "top"),
+                 non_negative=("tau_max", "tau_b", "checkpoint_every"),
+                 choices=dict(method=METHODS))
+    if self.checkpoint_every and self.method != "bptt":
+      raise ValueError("--checkpoint_every is an option of method 'bptt'; "
+                       f"got method {self.method!r}.")
+
 
 METHODS = ("bptt", "autodiff")
 # Events of the runtime's own bookkeeping, not operations of the program.
@@ -80,14 +88,7 @@ _NESTED = ("while", "SlinkyThreadPool::Await")
 
 
 def check(cfg: Config) -> None:
-  if cfg.method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}; got {cfg.method!r}.")
-  for name in ("T", "B", "D", "H", "layers", "calls", "top"):
-    if getattr(cfg, name) < 1:
-      raise ValueError(f"{name} must be >= 1; got {getattr(cfg, name)}.")
-  if cfg.checkpoint_every and cfg.method != "bptt":
-    raise ValueError("checkpoint_every is an option of method 'bptt'; "
-                     f"got method {cfg.method!r}.")
+  """What the config's own checks can't see: the backend and the profiler."""
   if jax.default_backend() != "cpu":
     raise RuntimeError("profile_ops.py sums XLA:CPU's thread events; JAX runs on "
                        f"{jax.default_backend()!r} here. Run it with JAX_PLATFORMS=cpu.")

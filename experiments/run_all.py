@@ -14,6 +14,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import GRADS  # noqa: E402
 
 EXPERIMENTS = ("counting", "bitsum", "sine", "charlm", "gradient_flow", "truncation")
 
@@ -99,11 +100,15 @@ def main(argv=None):
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--only", default=",".join(EXPERIMENTS))
   parser.add_argument("--out", default=str(HERE.parent / "results"))
-  parser.add_argument("--grad", default="manual", choices=("manual", "autodiff"))
+  parser.add_argument("--grad", default="manual", choices=GRADS)
   args = parser.parse_args(argv)
+  names = args.only.split(",")
+  unknown = [n for n in names if n not in EXPERIMENTS]
+  if unknown or not names:
+    parser.error(f"--only: unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}.")
   root = pathlib.Path(args.out)
   root.mkdir(parents=True, exist_ok=True)
-  targets = run(args.only.split(","), args.smoke, root, ["--grad", args.grad])
+  targets = run(names, args.smoke, root, ["--grad", args.grad])
   print(json.dumps(targets, indent=2))
   print(f"report: {root / 'README.md'}")
   return targets

@@ -134,6 +134,7 @@ def test_full_config_meets_its_targets(name, full_runs):
     ("truncation", ["--lag", "30"], "--lag must be < --T; got 30 >= 30"),
     ("compare_gradients", ["--repeats", "0"], "--repeats must be > 0"),
     ("bench", ["--precision", "tf32"], "--precision must be one of ('default', 'float32')"),
+    ("profile_ops", ["--calls", "0"], "--calls must be > 0"),
 ])
 def test_bad_overrides_are_usage_errors(name, args, words, capsys):
   """A bad --option stops the script before it runs, with argparse's usage error (exit 2)."""
@@ -143,6 +144,14 @@ def test_bad_overrides_are_usage_errors(name, args, words, capsys):
     module.parse_config(module.Config, args, smoke=getattr(module, "SMOKE", None))
   assert info.value.code == 2
   assert words in capsys.readouterr().err
+
+
+def test_run_all_names_an_unknown_experiment(capsys):
+  import run_all
+  with pytest.raises(SystemExit) as info:
+    run_all.main(["--only", "counting,bogus", "--smoke"])
+  assert info.value.code == 2
+  assert "--only: unknown experiment(s) ['bogus']" in capsys.readouterr().err
 
 
 def test_bench_precision_is_checked():
@@ -231,8 +240,8 @@ def test_profile_smoke(tmp_path):
 def test_profile_checks_its_config():
   import profile_ops as prof
   with pytest.raises(ValueError, match="method must be one of"):
-    prof.check(prof.Config(method="grad"))
+    prof.Config(method="grad")
   with pytest.raises(ValueError, match="checkpoint_every is an option of method 'bptt'"):
-    prof.check(prof.Config(method="autodiff", checkpoint_every=10))
-  with pytest.raises(ValueError, match="H must be >= 1; got 0"):
-    prof.check(prof.Config(H=0))
+    prof.Config(method="autodiff", checkpoint_every=10)
+  with pytest.raises(ValueError, match="--H must be > 0; got 0"):
+    prof.Config(H=0)
