@@ -8,6 +8,7 @@ expected and what was given. Checks on *values* (for example that every
 :func:`validate_inputs`, which callers run eagerly on concrete data.
 """
 
+import inspect
 import numbers
 from typing import NamedTuple, Optional, Tuple
 
@@ -174,8 +175,7 @@ class Inputs(NamedTuple):
   unit_weights: bool = False
 
 
-PREPARE_OPTIONS = ("loss", "many_to_one", "h0", "lengths", "loss_weights", "resets", "tau_max",
-                   "tau_b")
+# bptt's options that ``prepare`` does not take (the rest are prepare's keywords)
 BPTT_ONLY_OPTIONS = ("return_dh0", "checkpoint_every", "unroll", "fused")
 
 
@@ -316,10 +316,12 @@ def validate_inputs(params, xs, targets=None, **options) -> None:
   """
   options = dict(options)
   static = {k: options.pop(k) for k in BPTT_ONLY_OPTIONS if k in options}
-  unknown = sorted(set(options) - set(PREPARE_OPTIONS))
+  known = [name for name, p in inspect.signature(prepare).parameters.items()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY]
+  unknown = sorted(set(options) - set(known))
   if unknown:
     raise TypeError(f"validate_inputs got unknown option(s) {unknown}; the options of "
-                    f"jaxrnn.bptt are {sorted(PREPARE_OPTIONS + BPTT_ONLY_OPTIONS)}.")
+                    f"jaxrnn.bptt are {sorted(known + list(BPTT_ONLY_OPTIONS))}.")
   check_int_option("checkpoint_every", static.get("checkpoint_every"))
   check_int_option("unroll", static.get("unroll"))
   check_optional_bool("fused", static.get("fused"))
