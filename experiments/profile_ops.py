@@ -92,7 +92,7 @@ def check(cfg: Config) -> None:
   if jax.default_backend() != "cpu":
     raise RuntimeError("profile_ops.py sums XLA:CPU's thread events; JAX runs on "
                        f"{jax.default_backend()!r} here. Run it with JAX_PLATFORMS=cpu.")
-  if not hasattr(jax.profiler, "ProfileData"):
+  if getattr(jax.profiler, "ProfileData", None) is None:   # None where jaxlib lacks it
     raise RuntimeError(f"jax.profiler.ProfileData is missing from jax {jax.__version__}; "
                        "profile_ops.py needs a newer jax.")
 

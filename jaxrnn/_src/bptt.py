@@ -326,12 +326,16 @@ def _loss_and_output_grad(out, targets, weights, loss, batch, unit_weights=False
   the caller applies the scalar 1/B to the small products of δo instead, which
   saves XLA two passes over [T, N, O] arrays.
   """
-  value = weighted_total(step_losses(out, targets, loss), weights, batch)
   if loss == "mse":
     d_out = out - targets
+    # ½‖o − y‖² as the residual contracted with itself (a reduction, like the
+    # square, but XLA before jaxlib 0.10.2 kept the square as one more array)
+    terms = 0.5 * jnp.einsum("...o,...o->...", d_out, d_out, precision=lax.Precision.HIGHEST)
   else:
+    terms = step_losses(out, targets, loss)
     p = jnp.exp(log_softmax(out))
     d_out = p_minus_onehot(p, jax.nn.one_hot(targets, out.shape[-1], dtype=bool))
+  value = weighted_total(terms, weights, batch)
   return value, d_out if unit_weights else d_out * (weights / batch)[:, :, None]
 
 
