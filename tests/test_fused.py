@@ -85,6 +85,23 @@ def test_kernels_match_the_xla_loops(steps):
   np.testing.assert_allclose(dh_1, dh_next, rtol=1e-12)
 
 
+def test_checkpointed_first_pass_runs_its_loops_as_kernels():
+  """``checkpoint_every``'s first pass (states kept every k steps) fuses too.
+
+  Per layer: the full-storage pass has one forward and one reverse kernel; the
+  checkpointed one has a forward kernel in its first pass as well as in the
+  recompute. As XLA loops, that first pass was 4x slower on an H100
+  (T = 10000, k = 100; docs/performance.md).
+  """
+  params, xs, targets = make_problem(3, T=T, B=2, D=D, hidden=(16, 16), O=O)
+  count = lambda **kw: str(jax.make_jaxpr(
+      lambda *a: jaxrnn.bptt(*a, fused=True, **kw))(params, xs, targets)).count("pallas_call")
+  assert count() == 2 * 2
+  assert count(checkpoint_every=4) == 3 * 2
+  assert_bptt_equals_autodiff(params, xs, targets, "checkpointed", fused=True,
+                              checkpoint_every=4)
+
+
 def test_fused_none_keeps_xla_loops_off_the_gpu():
   params, xs, targets = make_problem(0, T=T, B=4, D=D, hidden=(16,), O=O)
   on_gpu = jax.default_backend() == "gpu"

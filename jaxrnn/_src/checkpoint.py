@@ -66,10 +66,8 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
 
   def forward_body(h, inp):
     x, v, r = inp
-    # XLA loops in this first pass (the GPU kernels were measured in the
-    # recompute and reverse loops only; its top layer stores nothing anyway)
     h_end = forward_layers(params, x, h, v, r, h_reset, inplace=True, final_only=True,
-                           plan=plan._replace(fused=False))
+                           plan=plan)
     return h_end, h              # keep the state at the segment's start
 
   _, starts = lax.scan(forward_body, h_start, (xs_s, valid_s, reset_s))

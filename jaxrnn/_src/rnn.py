@@ -322,9 +322,14 @@ def scan_layer_final(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=No
   """The state after the last step only, ``[N, H]``: :func:`scan_layer_inplace` without its stores.
 
   For a checkpointed pass that keeps only every k-th state: the loop reads
-  ``xproj`` and writes nothing per step. Always a ``lax.scan`` (``plan.fused``
-  is not looked at).
+  ``xproj`` and writes nothing per step. Where ``plan`` runs the loop as one
+  kernel, it is :func:`scan_layer_inplace`'s kernel instead, whose stores go
+  into ``xproj``'s own buffer: on the H100 an XLA loop pays a few µs per step
+  that a kernel does not (10000 steps in segments of 100, B = 8, H = 32:
+  23.8 ms as XLA loops, 6.0 ms as kernels).
   """
+  if plan.one_kernel(*h_start.shape, xproj.dtype, valid is not None or reset is not None):
+    return scan_layer_inplace(W_hh, f, xproj, h_start, valid, reset, h_reset, b_h, plan)[-1]
   matmul = plan.matmul(W_hh, h_start.shape[0], xproj.shape[0])
 
   def step(h, inp):
