@@ -98,8 +98,33 @@ def test_checkpointed_first_pass_runs_its_loops_as_kernels():
       lambda *a: jaxrnn.bptt(*a, fused=True, **kw))(params, xs, targets)).count("pallas_call")
   assert count() == 2 * 2
   assert count(checkpoint_every=4) == 3 * 2
-  assert_bptt_equals_autodiff(params, xs, targets, "checkpointed", fused=True,
-                              checkpoint_every=4)
+  # k not dividing T: a head of T mod k steps, unmasked, so its loops fuse too
+  assert count(checkpoint_every=3) == 6 * 2
+  for k in (4, 3):
+    assert_bptt_equals_autodiff(params, xs, targets, f"checkpointed, k={k}", fused=True,
+                                checkpoint_every=k)
+
+
+def test_a_gpu_without_pallas_triton_keeps_xla_loops(monkeypatch):
+  """A jax without Pallas's Triton backend (deprecated in jax 0.11), on a GPU:
+  ``fused=None`` warns once and keeps the XLA loops, ``fused=True`` says why."""
+  params, xs, targets = make_problem(0, T=T, B=4, D=D, hidden=(16,), O=O)
+  monkeypatch.setattr(kernels, "_on_gpu", lambda: True)
+  assert kernels.use_fused(None, 4, 16, jnp.float32)        # with it: fused
+  monkeypatch.setattr(kernels, "_triton", lambda: None)
+  kernels._warn_no_triton.cache_clear()
+  jax.clear_caches()              # trace anew, and keep no trace made under the patches
+  try:
+    with pytest.warns(UserWarning, match="no Pallas Triton backend"):
+      assert not _has_kernel(jaxrnn.bptt, params, xs, targets)
+  finally:
+    jax.clear_caches()
+    kernels._warn_no_triton.cache_clear()
+  with pytest.raises(ValueError, match="no Pallas Triton backend"):
+    kernels.use_fused(True, 4, 16, jnp.float32)
+  with pytest.raises(ValueError, match="powers of two"):    # the loop's own reason first
+    kernels.use_fused(True, 3, 16, jnp.float32)
+  assert not kernels.use_fused(False, 4, 16, jnp.float32)
 
 
 def test_fused_none_keeps_xla_loops_off_the_gpu():

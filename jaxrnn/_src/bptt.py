@@ -517,8 +517,9 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
       ``resets``; float32/float64; batch and width powers of two,
       16 <= H <= 64, B·H² <= 16·64²; on an H100 2.5-4x faster per step
       than 16 steps per iteration); other loops and other backends keep
-      the XLA loops. True: every loop, or a ValueError saying why one
-      can't (on a CPU the kernel runs in Pallas's interpreter: for tests,
+      the XLA loops (also, with a warning, on a GPU whose jax has no Pallas
+      Triton backend). True: every loop, or a ValueError saying why one
+      can't (off a GPU the kernel runs in Pallas's interpreter: for tests,
       slow). False: never.
 
   Returns:

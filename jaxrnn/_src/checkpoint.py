@@ -1,7 +1,8 @@
 """Memory-efficient hand-written BPTT: store the state every k steps, recompute the rest.
 
 ``bptt(..., checkpoint_every=k)`` runs the forward pass segment by segment
-(k steps, all layers) and keeps only the state at each segment's start:
+(k steps, all layers; where k does not divide T, a first segment of
+``T mod k`` steps) and keeps only the state at each segment's start:
 ``ceil(T / k)`` states per layer instead of T. The backward pass walks the
 segments from last to first; for each one it recomputes the segment's states
 from its checkpoint, computes the segment's loss terms, and runs the same
@@ -46,47 +47,50 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
                     batch, unit_weights=False, plan=LoopPlan()):
   """Checkpointed loss and gradients over one window of W steps.
 
+  The window is a head of ``W mod k`` steps, then ``W // k`` segments of k
+  steps. Each segment reads its steps from the window's arrays by a dynamic
+  slice: nothing of size W is copied or padded, and no step is masked that
+  the caller did not mask (a masked loop can't run as one kernel).
+
   Args:
     xs [W, N, D]; valid/reset [W, N] bool or None; targets/weights per step;
-    h_start, h_reset: tuples of [N, H_l]; k: segment length; batch: the B the
-    loss is averaged over; unit_weights: static, every weight is 1; plan:
-    how the loops inside each segment run (``rnn.LoopPlan``).
+    h_start, h_reset: tuples of [N, H_l]; k: segment length, 1 <= k <= W;
+    batch: the B the loss is averaged over; unit_weights: static, every
+    weight is 1; plan: how the loops inside each segment run (``rnn.LoopPlan``).
 
   Returns:
     ``(loss, layer grads, readout grads, dL/dh_start, dL/dh_reset or None)``.
   """
   W = xs.shape[0]
-  if W % k and valid is None:      # padded tail steps must be frozen (they pass δ through)
-    valid = jnp.ones(xs.shape[:2], bool)
-  unit = unit_weights and W % k == 0              # (padded tail steps weigh 0)
-  seg = lambda a, fill=0: None if a is None else _segments(a, k, fill)
-  xs_s, valid_s, reset_s = seg(xs), seg(valid, False), seg(reset, False)
-  targets_s, weights_s = seg(targets), None if unit else seg(weights)
-  plan = plan._replace(steps=W)    # products chosen for the window, not the segment
+  S, r = divmod(W, k)                  # S segments of k steps after a head of r
+  plan = plan._replace(steps=W)        # products chosen for the window, not the segment
+  per_step = (xs, valid, reset, targets, None if unit_weights else weights)
 
-  def forward_body(h, inp):
-    x, v, r = inp
-    h_end = forward_layers(params, x, h, v, r, h_reset, inplace=True, final_only=True,
-                           plan=plan)
-    return h_end, h              # keep the state at the segment's start
+  def steps(start, size):
+    """Steps [start, start + size) of every per-step array (None stays None)."""
+    return tuple(None if a is None else lax.dynamic_slice_in_dim(a, start, size, 0)
+                 for a in per_step)
 
-  _, starts = lax.scan(forward_body, h_start, (xs_s, valid_s, reset_s))
+  def state_after(h, start, size):
+    x, v, rs = steps(start, size)[:3]
+    return forward_layers(params, x, h, v, rs, h_reset, inplace=True, final_only=True,
+                          plan=plan)
 
-  zero_layers = tuple(jax.tree.map(jnp.zeros_like, l) for l in params.layers)
-  zero_readout = None if params.readout is None else jax.tree.map(jnp.zeros_like,
-                                                                  params.readout)
-  zeros_h = tuple(jnp.zeros_like(h) for h in h_start)
+  h_head = h_start if r == 0 else state_after(h_start, 0, r)
+  # keep each segment's start state; the rest is recomputed on the way back
+  _, starts = lax.scan(lambda h, s: (state_after(h, r + s * k, k), h), h_head, jnp.arange(S))
 
-  def backward_body(carry, inp):
+  def segment_backward(carry, h0_seg, start, size):
     dh_next, g_layers, g_readout, d_reset = carry
-    x, v, r, y, w, h0_seg = inp
-    hs = forward_layers(params, x, h0_seg, v, r, h_reset, inplace=True, plan=plan)  # recompute
-    w = jnp.ones(x.shape[:2], x.dtype) if unit else w
-    value, d_out = _loss_and_output_grad(readout(params, hs[-1]), y, w, loss, batch, unit)
-    scale = 1.0 / batch if unit else None
+    x, v, rs, y, w = steps(start, size)
+    hs = forward_layers(params, x, h0_seg, v, rs, h_reset, inplace=True, plan=plan)  # recompute
+    w = jnp.ones(x.shape[:2], x.dtype) if unit_weights else w
+    value, d_out = _loss_and_output_grad(readout(params, hs[-1]), y, w, loss, batch,
+                                         unit_weights)
+    scale = 1.0 / batch if unit_weights else None
     g, g0, d_ro = readout_backward(params, hs[-1], d_out, scale=scale, W_hy_grad=False)
     # ΔW_hy is formed with the layers' weight gradients: one product per segment
-    back = backward_layers(params, x, hs, h0_seg, g, g0, v, r, h_reset, dh_end=dh_next,
+    back = backward_layers(params, x, hs, h0_seg, g, g0, v, rs, h_reset, dh_end=dh_next,
                            d_out=None if d_ro is None else d_out, fuse=True, plan=plan)
     if d_ro is not None:
       d_ro = d_ro._replace(W_hy=back.W_hy if scale is None else back.W_hy * scale)
@@ -95,10 +99,19 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
     return (back.dh_start, _add(g_layers, back.layers),
             g_readout if d_ro is None else _add(g_readout, d_ro), d_reset), value
 
+  zero_layers = tuple(jax.tree.map(jnp.zeros_like, l) for l in params.layers)
+  zero_readout = None if params.readout is None else jax.tree.map(jnp.zeros_like,
+                                                                  params.readout)
+  zeros_h = tuple(jnp.zeros_like(h) for h in h_start)
   init = (zeros_h, zero_layers, zero_readout, zeros_h if reset is not None else None)
-  (dh_start, g_layers, g_readout, d_reset), values = lax.scan(
-      backward_body, init, (xs_s, valid_s, reset_s, targets_s, weights_s, starts), reverse=True)
-  return jnp.sum(values), g_layers, g_readout, dh_start, d_reset
+  carry, values = lax.scan(lambda c, inp: segment_backward(c, inp[1], r + inp[0] * k, k),
+                           init, (jnp.arange(S), starts), reverse=True)
+  total = jnp.sum(values)
+  if r:                                # the head, last on the way back
+    carry, value = segment_backward(carry, h_start, 0, r)
+    total = total + value
+  dh_start, g_layers, g_readout, d_reset = carry
+  return total, g_layers, g_readout, dh_start, d_reset
 
 
 def checkpointed_bptt(params, inp: checks.Inputs, loss: str, k: int,

@@ -24,10 +24,13 @@ reads and writes of its buffers, and the product with W_hh it holds.
 Only loops without masks (``lengths``, ``resets``) are fused, for float32
 and float64 states whose batch N and width H are powers of two (Triton's
 blocks), 16 ≤ H ≤ 64 and N·H² ≤ 16·64² (the loop's matrix stays in
-registers; at N = 32, H = 128 the fused step was no faster).
+registers; at N = 32, H = 128 the fused step was no faster). Where this jax has
+no Pallas Triton backend (deprecated in jax 0.11), nothing is fused:
+``fused=None`` warns once, ``fused=True`` raises.
 """
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +52,7 @@ def unfused_reason(n: int, H: int, dtype, masked: bool):
   """Why a loop over [n, H] states can't be fused, or None if it can (static)."""
   if masked:
     return ("the loop has masks (lengths, resets, or the padded steps of a truncation "
-            "window or of a last checkpoint segment shorter than checkpoint_every)")
+            "window)")
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
     return f"the states are {jnp.dtype(dtype).name}, not float32 or float64"
   if not (_pow2(n) and _pow2(H)):
@@ -60,18 +63,53 @@ def unfused_reason(n: int, H: int, dtype, masked: bool):
   return None
 
 
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+  """Pallas's Triton backend module, or None where this jax has none.
+
+  jax 0.11 deprecates it ("will be removed in a future JAX version"); where it
+  is gone, loops stay XLA loops (``fused=None``) or ``fused=True`` says why.
+  """
+  try:
+    from jax.experimental.pallas import triton
+  except ImportError:
+    return None
+  return triton
+
+
+_NO_TRITON = ("this jax has no Pallas Triton backend (jax.experimental.pallas.triton), "
+              "which the GPU kernels are written for")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_triton():
+  warnings.warn(f"jaxrnn: {_NO_TRITON}; fused=None runs every loop as an XLA loop "
+                "(same values, slower on a GPU). Pass fused=False to silence this.",
+                stacklevel=3)
+
+
 def use_fused(fused, n: int, H: int, dtype, masked: bool = False) -> bool:
   """Whether a loop over [n, H] states runs as one fused kernel (static).
 
   ``fused``: False never; None where the loop qualifies and JAX runs on a
-  GPU; True where it qualifies, else a ValueError naming the reason (on a
-  CPU the kernel then runs in Pallas's interpreter, for tests).
+  GPU with Pallas's Triton backend (without it: a warning, once, and XLA
+  loops); True where it qualifies, else a ValueError naming the reason (off
+  a GPU the kernel then runs in Pallas's interpreter, for tests).
   """
   if fused is False:
     return False
   reason = unfused_reason(n, H, dtype, masked)
+  if reason is None and _on_gpu() and _triton() is None:
+    if fused is None:
+      _warn_no_triton()
+      return False
+    reason = _NO_TRITON
   if fused is None:
-    return reason is None and jax.default_backend() == "gpu"
+    return reason is None and _on_gpu()
   if reason is not None:
     raise ValueError(f"fused=True: this loop can't be fused: {reason}. "
                      "Use fused=None to fuse only the loops that qualify.")
@@ -94,11 +132,10 @@ def _times(h, W, precision):
 
 def _call(kernel, out_shape, aliases, *args):
   from jax.experimental import pallas as pl   # imported on first use only
-  if jax.default_backend() == "cpu":
+  if not _on_gpu():
     params = dict(interpret=True)
   else:
-    from jax.experimental.pallas import triton as pl_triton
-    params = dict(compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1))
+    params = dict(compiler_params=_triton().CompilerParams(num_warps=4, num_stages=1))
   return pl.pallas_call(kernel, out_shape=out_shape, input_output_aliases=aliases,
                         **params)(*args)
 
