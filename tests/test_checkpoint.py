@@ -23,6 +23,7 @@ CASES = [  # k, hidden, loss, many_to_one, truncation, options
     (4, (2, 3), "mse", True, dict(tau_max=5, tau_b=1), dict(lengths=LENGTHS)),
     (5, (3,), "mse", False, dict(tau_max=4, tau_b=4),
      dict(resets=RESETS, loss_weights=WEIGHTS, lengths=LENGTHS)),
+    (20, (3,), "xent", False, dict(tau_max=4, tau_b=3), dict(resets=RESETS)),  # k > T
 ]
 
 

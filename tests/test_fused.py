@@ -103,6 +103,9 @@ def test_checkpointed_first_pass_runs_its_loops_as_kernels():
   for k in (4, 3):
     assert_bptt_equals_autodiff(params, xs, targets, f"checkpointed, k={k}", fused=True,
                                 checkpoint_every=k)
+  # truncated: windows that would start before step 0 are not padded (no masks) either
+  assert_bptt_equals_autodiff(params, xs, targets, "checkpointed, truncated", fused=True,
+                              checkpoint_every=2, tau_max=3, tau_b=2)
 
 
 def test_a_gpu_without_pallas_triton_keeps_xla_loops(monkeypatch):

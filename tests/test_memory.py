@@ -65,6 +65,16 @@ def test_checkpointing_at_long_sequences(k):
   assert kept <= 0.1 * full, (kept, full)
 
 
+def test_checkpointing_with_truncation_at_long_sequences():
+  """T = 10000, tau_max = tau_b = 50, k = 10: at most 10% of full storage's memory
+  (front-padding the inputs for the first window once took 29%)."""
+  params = jaxrnn.init_params(jax.random.key(0), 8, (32,), 8, dtype=jnp.float32)
+  xs = jnp.ones((10_000, 8, 8), jnp.float32)
+  full = _temp_bytes(jaxrnn.bptt, params, xs, xs)
+  kept = _temp_bytes(jaxrnn.bptt, params, xs, xs, checkpoint_every=10, tau_max=50, tau_b=50)
+  assert kept <= 0.1 * full, (kept, full)
+
+
 @pytest.mark.parametrize("dims", [
     (600, 32, 16, 64, 2), (600, 32, 16, 64, 3), (600, 32, 16, 64, 4), (600, 32, 64, 64, 3)])
 @cpu_plan

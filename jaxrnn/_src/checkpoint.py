@@ -29,16 +29,6 @@ from jaxrnn._src.params import RNNParams
 from jaxrnn._src.rnn import LoopPlan, forward_layers, readout
 
 
-def _segments(a, k, fill):
-  """``[W, ...] -> [S, k, ...]`` with the tail padded by ``fill`` to S·k steps."""
-  W = a.shape[0]
-  S = -(-W // k)
-  pad = S * k - W
-  if pad:
-    a = jnp.concatenate([a, jnp.full((pad,) + a.shape[1:], fill, a.dtype)], axis=0)
-  return a.reshape((S, k) + a.shape[1:])
-
-
 def _add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
@@ -137,27 +127,29 @@ def _window_starts(params, inp, win, k, h_reset, plan):
   reaches step 0).
   """
   T = inp.xs.shape[0]
-  S = -(-T // k)
+  k = min(k, T)
+  S, r = divmod(T, k)                                # S segments of k steps, then r more
   need = np.maximum(win.steps[:, 0] - 1, -1)        # step whose state starts window c
   seg_of, pos = need // k, need % k                  # -1 -> h0, handled below
-  per_seg = [np.flatnonzero(seg_of == s) for s in range(S)]
+  per_seg = [np.flatnonzero(seg_of == s) for s in range(S + (r > 0))]
   m = max(1, max(len(c) for c in per_seg))
-  gather = np.zeros((S, m), np.int32)               # positions inside each segment
+  gather = np.zeros((len(per_seg), m), np.int32)    # positions inside each segment
   for s, cs in enumerate(per_seg):
     gather[s, :len(cs)] = pos[cs]
-  valid = inp.valid
-  if T % k and valid is None:
-    valid = jnp.ones(inp.xs.shape[:2], bool)
-  seg = lambda a, fill=0: None if a is None else _segments(a, k, fill)
 
-  def body(h, inp_s):
-    x, v, r, idx = inp_s
-    hs = forward_layers(params, x, h, v, r, h_reset, inplace=True,
+  def run(h, start, size, idx):
+    """Steps [start, start + size) from state h: the last state and those at ``idx``."""
+    x, v, rs = (None if a is None else lax.dynamic_slice_in_dim(a, start, size, 0)
+                for a in (inp.xs, inp.valid, inp.reset))
+    hs = forward_layers(params, x, h, v, rs, h_reset, inplace=True,
                         plan=plan._replace(steps=T))
     return tuple(s[-1] for s in hs), tuple(s[idx] for s in hs)   # [m, N, H] per layer
 
-  _, picked = lax.scan(body, inp.h0, (seg(inp.xs), seg(valid, False), seg(inp.reset, False),
-                                     jnp.asarray(gather)))
+  h, picked = lax.scan(lambda h, inp_s: run(h, inp_s[0] * k, k, inp_s[1]), inp.h0,
+                       (jnp.arange(S), jnp.asarray(gather[:S])))
+  if r:                                              # the last r steps, unpadded
+    _, last = run(h, S * k, r, jnp.asarray(gather[S]))
+    picked = tuple(jnp.concatenate([p, q[None]]) for p, q in zip(picked, last))
   flat_index = np.zeros(len(need), np.int32)
   for s, cs in enumerate(per_seg):
     flat_index[cs] = s * m + np.arange(len(cs))
@@ -173,22 +165,23 @@ def _truncated(params, inp, loss, k, h_reset, reach_h0, plan):
   win = windows.make_windows(T, inp.truncation)
   W = win.steps.shape[1]
   starts = _window_starts(params, inp, win, k, h_reset, plan)
-  # Front-pad by W steps so every window is one dynamic slice (padded steps are frozen).
-  pad = lambda a, fill: None if a is None else jnp.concatenate(
-      [jnp.full((W,) + a.shape[1:], fill, a.dtype), a], axis=0)
-  valid = inp.valid if inp.valid is not None else jnp.ones((T, B), bool)
-  xs_p, valid_p = pad(inp.xs, 0), pad(valid, False)
-  reset_p, targets_p, weights_p = pad(inp.reset, False), pad(inp.targets, 0), pad(inp.weights, 0)
-  first = jnp.asarray(win.steps[:, 0] + W)                        # slice start in padded arrays
-  own = jnp.asarray(win.in_chunk, inp.weights.dtype)             # [C, W]
-  from_start = jnp.asarray(win.from_start)
+  # Every window is one dynamic slice of W steps of the inputs. One that would
+  # start before step 0 runs steps 0 .. W-1 from h0 instead: its steps after
+  # the chunk's end weigh 0, so they add exact zeros (nothing is padded or
+  # masked; W <= T).
+  first = np.maximum(win.steps[:, 0], 0)                         # [C] first step run
+  ran = first[:, None] + np.arange(W)                            # [C, W] steps run
+  ends = win.steps[:, -1]
+  own = jnp.asarray((ran >= np.arange(len(ends))[:, None] * inp.truncation.tau_b)
+                    & (ran <= ends[:, None]), inp.weights.dtype)  # the chunk's own steps
+  first, from_start = jnp.asarray(first), jnp.asarray(win.from_start)
 
   def body(carry, c):
     total, g_layers, g_readout, dh0 = carry
     cut = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, first[c], W, 0)
     value, gl, gr, d_start, d_reset = window_backward(
-        params, cut(xs_p), cut(valid_p), cut(reset_p), cut(targets_p),
-        cut(weights_p) * own[c][:, None], tuple(s[c] for s in starts), h_reset,
+        params, cut(inp.xs), cut(inp.valid), cut(inp.reset), cut(inp.targets),
+        cut(inp.weights) * own[c][:, None], tuple(s[c] for s in starts), h_reset,
         min(k, W), loss, B, plan=plan)
     d = tuple(jnp.where(from_start[c], s, 0) for s in d_start)  # cut windows: constant start
     if d_reset is not None and reach_h0:
