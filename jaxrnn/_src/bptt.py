@@ -80,8 +80,7 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
     [N, H] (or None); δh [T, N, H] (or None).
   """
   T = hs.shape[0]
-  one_kernel = not keep_deltas and plan.one_kernel(
-      *hs.shape[1:], hs.dtype, valid is not None or reset is not None)
+  one_kernel = not keep_deltas and plan.fuses(hs, valid, reset)
   # With N = 1, XLA copies a [T, 1, H] loop buffer at every step instead of
   # updating it in place (measured: 20x slower), so the single sequence runs
   # on [T, H] buffers and [H] vectors.

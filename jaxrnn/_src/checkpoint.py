@@ -1,7 +1,7 @@
 """Memory-efficient hand-written BPTT: store the state every k steps, recompute the rest.
 
 ``bptt(..., checkpoint_every=k)`` runs the forward pass segment by segment
-(k steps, all layers; where k does not divide T, a first segment of
+(k steps, all layers; where k does not divide T, a last segment of
 ``T mod k`` steps) and keeps only the state at each segment's start:
 ``ceil(T / k)`` states per layer instead of T. The backward pass walks the
 segments from last to first; for each one it recomputes the segment's states
@@ -33,14 +33,24 @@ def _add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
+def _steps(arrays, start, size):
+  """Steps [start, start + size) of each per-step array [T, ...] (None stays None).
+
+  A dynamic slice: the segments of a checkpointed pass read their steps from
+  the caller's arrays, so nothing of size T is copied or padded.
+  """
+  return tuple(None if a is None else lax.dynamic_slice_in_dim(a, start, size, 0)
+               for a in arrays)
+
+
 def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset, k, loss,
                     batch, unit_weights=False, plan=LoopPlan()):
   """Checkpointed loss and gradients over one window of W steps.
 
-  The window is a head of ``W mod k`` steps, then ``W // k`` segments of k
-  steps. Each segment reads its steps from the window's arrays by a dynamic
-  slice: nothing of size W is copied or padded, and no step is masked that
-  the caller did not mask (a masked loop can't run as one kernel).
+  The window is ``W // k`` segments of k steps, then the last ``W mod k``
+  steps as a segment of their own (its start state is the first pass's
+  final carry). No step is masked that the caller did not mask (a masked
+  loop can't run as one kernel).
 
   Args:
     xs [W, N, D]; valid/reset [W, N] bool or None; targets/weights per step;
@@ -52,27 +62,21 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
     ``(loss, layer grads, readout grads, dL/dh_start, dL/dh_reset or None)``.
   """
   W = xs.shape[0]
-  S, r = divmod(W, k)                  # S segments of k steps after a head of r
+  S, r = divmod(W, k)                  # S segments of k steps, then one of r
   plan = plan._replace(steps=W)        # products chosen for the window, not the segment
   per_step = (xs, valid, reset, targets, None if unit_weights else weights)
 
-  def steps(start, size):
-    """Steps [start, start + size) of every per-step array (None stays None)."""
-    return tuple(None if a is None else lax.dynamic_slice_in_dim(a, start, size, 0)
-                 for a in per_step)
+  def forward_body(h, s):
+    x, v, rs = _steps(per_step[:3], s * k, k)
+    h_end = forward_layers(params, x, h, v, rs, h_reset, inplace=True, final_only=True,
+                           plan=plan)
+    return h_end, h                    # keep the state at the segment's start
 
-  def state_after(h, start, size):
-    x, v, rs = steps(start, size)[:3]
-    return forward_layers(params, x, h, v, rs, h_reset, inplace=True, final_only=True,
-                          plan=plan)
-
-  h_head = h_start if r == 0 else state_after(h_start, 0, r)
-  # keep each segment's start state; the rest is recomputed on the way back
-  _, starts = lax.scan(lambda h, s: (state_after(h, r + s * k, k), h), h_head, jnp.arange(S))
+  h_last, starts = lax.scan(forward_body, h_start, jnp.arange(S))
 
   def segment_backward(carry, h0_seg, start, size):
     dh_next, g_layers, g_readout, d_reset = carry
-    x, v, rs, y, w = steps(start, size)
+    x, v, rs, y, w = _steps(per_step, start, size)
     hs = forward_layers(params, x, h0_seg, v, rs, h_reset, inplace=True, plan=plan)  # recompute
     w = jnp.ones(x.shape[:2], x.dtype) if unit_weights else w
     value, d_out = _loss_and_output_grad(readout(params, hs[-1]), y, w, loss, batch,
@@ -94,14 +98,13 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
                                                                   params.readout)
   zeros_h = tuple(jnp.zeros_like(h) for h in h_start)
   init = (zeros_h, zero_layers, zero_readout, zeros_h if reset is not None else None)
-  carry, values = lax.scan(lambda c, inp: segment_backward(c, inp[1], r + inp[0] * k, k),
+  total = jnp.zeros((), xs.dtype)
+  if r:                                # the last r steps, first on the way back
+    init, total = segment_backward(init, h_last, S * k, r)
+  carry, values = lax.scan(lambda c, inp: segment_backward(c, inp[1], inp[0] * k, k),
                            init, (jnp.arange(S), starts), reverse=True)
-  total = jnp.sum(values)
-  if r:                                # the head, last on the way back
-    carry, value = segment_backward(carry, h_start, 0, r)
-    total = total + value
   dh_start, g_layers, g_readout, d_reset = carry
-  return total, g_layers, g_readout, dh_start, d_reset
+  return total + jnp.sum(values), g_layers, g_readout, dh_start, d_reset
 
 
 def checkpointed_bptt(params, inp: checks.Inputs, loss: str, k: int,
@@ -139,8 +142,7 @@ def _window_starts(params, inp, win, k, h_reset, plan):
 
   def run(h, start, size, idx):
     """Steps [start, start + size) from state h: the last state and those at ``idx``."""
-    x, v, rs = (None if a is None else lax.dynamic_slice_in_dim(a, start, size, 0)
-                for a in (inp.xs, inp.valid, inp.reset))
+    x, v, rs = _steps((inp.xs, inp.valid, inp.reset), start, size)
     hs = forward_layers(params, x, h, v, rs, h_reset, inplace=True,
                         plan=plan._replace(steps=T))
     return tuple(s[-1] for s in hs), tuple(s[idx] for s in hs)   # [m, N, H] per layer
@@ -165,24 +167,18 @@ def _truncated(params, inp, loss, k, h_reset, reach_h0, plan):
   win = windows.make_windows(T, inp.truncation)
   W = win.steps.shape[1]
   starts = _window_starts(params, inp, win, k, h_reset, plan)
-  # Every window is one dynamic slice of W steps of the inputs. One that would
-  # start before step 0 runs steps 0 .. W-1 from h0 instead: its steps after
-  # the chunk's end weigh 0, so they add exact zeros (nothing is padded or
-  # masked; W <= T).
-  first = np.maximum(win.steps[:, 0], 0)                         # [C] first step run
-  ran = first[:, None] + np.arange(W)                            # [C, W] steps run
-  ends = win.steps[:, -1]
-  own = jnp.asarray((ran >= np.arange(len(ends))[:, None] * inp.truncation.tau_b)
-                    & (ran <= ends[:, None]), inp.weights.dtype)  # the chunk's own steps
-  first, from_start = jnp.asarray(first), jnp.asarray(win.from_start)
+  # Every window is one slice of W steps of the inputs, unpadded (windows.unpadded)
+  first, own = windows.unpadded(win)
+  first, own = jnp.asarray(first), jnp.asarray(own, inp.weights.dtype)
+  from_start = jnp.asarray(win.from_start)
 
   def body(carry, c):
     total, g_layers, g_readout, dh0 = carry
-    cut = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, first[c], W, 0)
+    xs, valid, reset, targets, weights = _steps(
+        (inp.xs, inp.valid, inp.reset, inp.targets, inp.weights), first[c], W)
     value, gl, gr, d_start, d_reset = window_backward(
-        params, cut(inp.xs), cut(inp.valid), cut(inp.reset), cut(inp.targets),
-        cut(inp.weights) * own[c][:, None], tuple(s[c] for s in starts), h_reset,
-        min(k, W), loss, B, plan=plan)
+        params, xs, valid, reset, targets, weights * own[c][:, None],
+        tuple(s[c] for s in starts), h_reset, min(k, W), loss, B, plan=plan)
     d = tuple(jnp.where(from_start[c], s, 0) for s in d_start)  # cut windows: constant start
     if d_reset is not None and reach_h0:
       d = _add(d, d_reset)

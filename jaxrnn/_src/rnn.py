@@ -213,9 +213,11 @@ class LoopPlan(NamedTuple):
   fused: Optional[bool] = False
   steps: Optional[int] = None
 
-  def one_kernel(self, n: int, H: int, dtype, masked: bool) -> bool:
-    """Whether a loop over [n, H] states runs as one kernel (:func:`kernels.use_fused`)."""
-    return kernels.use_fused(self.fused, n, H, dtype, masked)
+  def fuses(self, state, valid=None, reset=None) -> bool:
+    """Whether a loop over states like ``state`` [..., N, H], with these masks
+    (None: none), runs as one kernel (:func:`kernels.use_fused`)."""
+    return kernels.use_fused(self.fused, *state.shape[-2:], state.dtype,
+                             valid is not None or reset is not None)
 
   def small_product(self, W, n: int, T: int) -> bool:
     """:func:`is_small_product` for a loop of T steps."""
@@ -292,7 +294,7 @@ def scan_layer_inplace(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=
   ``plan.unroll`` steps per iteration (:meth:`LoopPlan.blocks`), each reading
   its block of projections at once and writing its block of states at once.
   """
-  if plan.one_kernel(*h_start.shape, xproj.dtype, valid is not None or reset is not None):
+  if plan.fuses(xproj, valid, reset):
     return kernels.forward_loop(functools.partial(masked_step, None, f), W_hh, xproj,
                                 h_start, b_h)
   matmul = plan.matmul(W_hh, h_start.shape[0], xproj.shape[0])
@@ -328,7 +330,7 @@ def scan_layer_final(W_hh, f, xproj, h_start, valid=None, reset=None, h_reset=No
   that a kernel does not (10000 steps in segments of 100, B = 8, H = 32:
   23.8 ms as XLA loops, 6.0 ms as kernels).
   """
-  if plan.one_kernel(*h_start.shape, xproj.dtype, valid is not None or reset is not None):
+  if plan.fuses(xproj, valid, reset):
     return scan_layer_inplace(W_hh, f, xproj, h_start, valid, reset, h_reset, b_h, plan)[-1]
   matmul = plan.matmul(W_hh, h_start.shape[0], xproj.shape[0])
 

@@ -46,6 +46,23 @@ def make_windows(T: int, trunc: Truncation) -> Windows:
   return Windows(steps, in_chunk, from_start, bool((steps < 0).any()))
 
 
+def unpadded(win: Windows):
+  """The same windows as slices of real steps: ``(first [C] int, own [C, W] bool)``.
+
+  Window c runs steps ``first[c] .. first[c] + W - 1``. One that would start
+  before step 0 runs steps 0 .. W-1 from h0 instead (W <= T): the steps it
+  adds after its chunk's end are not its own (``own`` False, loss weight 0),
+  so they contribute exact zeros, and nothing is padded or masked. ``own``:
+  the step belongs to window c's chunk, so its loss counts.
+  """
+  C, W = win.steps.shape
+  first = np.maximum(win.steps[:, 0], 0)
+  ran = first[:, None] + np.arange(W)                            # [C, W] steps run
+  chunk_first = win.steps[np.arange(C), win.in_chunk.argmax(axis=1)]
+  own = (ran >= chunk_first[:, None]) & (ran <= win.steps[:, -1:])
+  return first, own
+
+
 def _extended(a, pad):
   """``[T, B, ...] -> [T + 1, B, ...]``: index t + 1 holds step t, index 0 holds ``pad``."""
   if pad is None:
