@@ -87,3 +87,35 @@ def test_elman_step_bad_input(args, exc, words):
     assert w in str(info.value), (w, str(info.value))
   with pytest.raises(ValueError, match="activation"):
     jaxrnn.elman_step(P.layers[0], jnp.zeros((2, 5)), jnp.zeros((2, 3)), activation="gelu")
+
+
+def _forward(params, xs, targets, *, loss_weights, **kw):
+  return jaxrnn.forward(params, xs, **kw)
+
+
+@pytest.mark.parametrize("fn", [jaxrnn.bptt, jaxrnn.autodiff_bptt, jaxrnn.loss,
+                                jaxrnn.backward_deltas, _forward])
+def test_array_arguments_may_be_nested_lists(fn):
+  """Lists reach the jitted functions as lists of tracers; they must act as their arrays."""
+  lengths, weights = [4, 3], np.linspace(0.5, 1.0, 8).reshape(4, 2)
+  resets = np.zeros((4, 2), bool)
+  resets[2, 1] = True
+  h0 = (np.full((2, 5), 0.1), np.full((2, 4), -0.2))
+  as_arrays = fn(P, XS, Y, lengths=jnp.array(lengths), loss_weights=jnp.asarray(weights),
+                 resets=jnp.asarray(resets), h0=tuple(map(jnp.asarray, h0)))
+  as_lists = fn(P, np.asarray(XS).tolist(), np.asarray(Y).tolist(), lengths=lengths,
+                loss_weights=weights.tolist(), resets=resets.tolist(),
+                h0=[h.tolist() for h in h0])
+  jax.tree.map(np.testing.assert_array_equal, as_lists, as_arrays)
+
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(lengths=[4, [3]]), TypeError, ["lengths", "nested list"]),
+    (dict(h0=jnp.zeros((2, 5))), ValueError, ["h0", "2 arrays", "one array of shape (2, 5)"]),
+    (dict(h0=(None, None)), ValueError, ["h0[0]", "(2, 5)", "got None"]),
+])
+def test_bad_array_like_arguments(kwargs, exc, words):
+  with pytest.raises(exc) as info:
+    jaxrnn.bptt(P, XS, Y, **kwargs)
+  for w in words:
+    assert w in str(info.value), (w, str(info.value))

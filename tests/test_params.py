@@ -39,3 +39,22 @@ def test_optax_and_tree_ops_keep_structure():
     updates, _ = opt.update(jax.tree.map(jnp.ones_like, p), state, p)
   new = optax.apply_updates(p, updates)
   assert jax.tree.structure(new) == jax.tree.structure(p) and new.activation == "relu"
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_params(dtype):
+  """16-bit params are the float32 initialisation rounded (LAPACK's QR has no 16-bit
+  kernel), and bptt keeps that dtype end to end, close to the float32 gradient."""
+  p = jaxrnn.init_params(jax.random.key(0), 3, (8, 4), 2, dtype=dtype)
+  p32 = jaxrnn.init_params(jax.random.key(0), 3, (8, 4), 2, dtype=jnp.float32)
+  assert all(x.dtype == dtype for x in jax.tree.leaves(p))
+  jax.tree.map(np.testing.assert_array_equal, p, jax.tree.map(lambda a: a.astype(dtype), p32))
+  xs = jax.random.normal(jax.random.key(1), (6, 2, 3), jnp.float32)
+  ys = jax.random.normal(jax.random.key(2), (6, 2, 2), jnp.float32)
+  p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p)   # the same values in float32
+  value, grads = jaxrnn.bptt(p, xs.astype(dtype), ys.astype(dtype))
+  value32, grads32 = jaxrnn.bptt(p32, xs, ys)
+  assert value.dtype == dtype and all(g.dtype == dtype for g in jax.tree.leaves(grads))
+  np.testing.assert_allclose(np.float32(value), value32, rtol=2e-2)
+  for g, g32 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads32)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), g32, atol=3e-2 * np.abs(g32).max())

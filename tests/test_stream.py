@@ -86,6 +86,20 @@ def test_chunks_with_h0_resets_and_loss_weights_sum_to_bptt(tau_b, tau_max, meth
   assert_trees_close(state.h, jaxrnn.forward(params, xs, h0=h0, resets=resets)[0], 1e-12)
 
 
+def test_chunks_may_be_nested_lists():
+  """A chunk given as lists (which jit traces as lists of scalars) steps as its arrays."""
+  params, xs, targets = make_problem(3, T=4, B=2, hidden=(3,))
+  rng = np.random.default_rng(0)
+  resets, weights = rng.random((4, 2)) < 0.3, rng.uniform(0, 2, size=(4, 2))
+  stream = jaxrnn.make_tbptt_stream(capture(), tau_b=4, tau_max=6)
+  opt_state, state = stream.init(params, 2)
+  lists = stream.step(params, opt_state, state, np.asarray(xs).tolist(),
+                      np.asarray(targets).tolist(), resets.tolist(), weights.tolist())
+  arrays = stream.step(params, opt_state, state, xs, targets, jnp.asarray(resets),
+                       jnp.asarray(weights))
+  jax.tree.map(np.testing.assert_array_equal, lists, arrays)
+
+
 def test_manual_and_autodiff_streams_train_identically():
   params, xs, targets = make_problem(1, T=40, B=3, hidden=(4,))
   runs = []

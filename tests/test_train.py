@@ -48,6 +48,10 @@ def test_clip_norm_bounds_the_update():
   assert float(m.grad_norm) > 1e-3
   moved = optax.tree_utils.tree_norm(jax.tree.map(jnp.subtract, new, params))
   np.testing.assert_allclose(moved, 1e-3, rtol=1e-8)
+  # any real number type: NumPy scalars clip the same
+  new32, _, _ = jaxrnn.make_train_step(optax.sgd(1.0), clip_norm=np.float32(1e-3))(
+      params, optax.sgd(1.0).init(params), xs, targets)
+  assert_trees_close(new32, new, 1e-6)
 
 
 def _exploding(T=400, dtype=jnp.float32):

@@ -29,6 +29,21 @@ def _dtype(x):
   return jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype
 
 
+def as_array(name: str, x):
+  """``x`` as an array: NumPy/JAX arrays as they are, nested lists and scalars converted.
+
+  Under ``jax.jit`` a list argument arrives as a list of tracers, which NumPy
+  cannot even measure; ``jnp.asarray`` stacks them.
+  """
+  if x is None or hasattr(x, "shape"):
+    return x
+  try:
+    return jnp.asarray(x)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{name} must be an array (or a nested list of numbers of one "
+                    f"shape); got {type(x).__name__}: {e}") from None
+
+
 def check_params(params) -> None:
   """Checks that ``params`` is a consistent :class:`RNNParams`."""
   from jaxrnn._src.params import LayerParams, Readout, RNNParams  # no cycle
@@ -191,8 +206,11 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
   dtype = param_dtype(params)
   hs = hidden_sizes(params)
 
-  if not hasattr(xs, "shape"):
-    xs = jnp.asarray(xs)
+  xs, targets, lengths, loss_weights, resets = (
+      as_array(name, x) for name, x in (("xs", xs), ("targets", targets), ("lengths", lengths),
+                                      ("loss_weights", loss_weights), ("resets", resets)))
+  if xs is None:
+    raise TypeError("xs must be a [T, B, D] array; got None.")
   if xs.ndim != 3:
     raise ValueError(f"xs must have shape [T, B, D] (rank 3, time-major); "
                      f"got shape {_shape(xs)}.")
@@ -214,16 +232,18 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
   else:
     if not isinstance(h0, (tuple, list)) or len(h0) != len(hs):
       got = f"{type(h0).__name__} of length {len(h0)}" if isinstance(h0, (tuple, list)) \
-          else f"{type(h0).__name__} of shape {_shape(h0)}"
+          else f"one array of shape {_shape(h0)}" if hasattr(h0, "shape") \
+          else type(h0).__name__
       raise ValueError(f"h0 must be None or a tuple of {len(hs)} arrays (one [B, H_l] per "
                        f"layer, shapes {[(B, h) for h in hs]}); got {got}.")
+    h0 = tuple(as_array(f"h0[{l}]", h) for l, h in enumerate(h0))
     for l, (h, size) in enumerate(zip(h0, hs)):
       if _shape(h) != (B, size):
         raise ValueError(f"h0[{l}] must have shape [B, H_{l + 1}] = {(B, size)}; "
-                         f"got {_shape(h)}.")
+                         f"got {'None' if h is None else _shape(h)}.")
       if not jnp.issubdtype(_dtype(h), jnp.floating):
         raise TypeError(f"h0[{l}] must have a floating dtype; got {_dtype(h)}.")
-    h0 = tuple(jnp.asarray(h).astype(dtype) for h in h0)
+    h0 = tuple(h.astype(dtype) for h in h0)
 
   valid = None
   if lengths is not None:
@@ -231,7 +251,6 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
       raise ValueError(f"lengths must have shape [B] = {(B,)}; got {_shape(lengths)}.")
     if not jnp.issubdtype(_dtype(lengths), jnp.integer):
       raise TypeError(f"lengths must have an integer dtype; got {_dtype(lengths)}.")
-    lengths = jnp.asarray(lengths)
     valid = jnp.arange(T, dtype=lengths.dtype)[:, None] < lengths[None, :]
     xs = jnp.where(valid[:, :, None], xs, 0)  # padded inputs can never leak (NaN-safe)
 
@@ -241,7 +260,7 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
       raise ValueError(f"resets must have shape [T, B] = {(T, B)}; got {_shape(resets)}.")
     if _dtype(resets) != jnp.bool_:
       raise TypeError(f"resets must have dtype bool; got {_dtype(resets)}.")
-    reset = jnp.asarray(resets)
+    reset = resets
     if valid is not None:
       reset = reset & valid
 
@@ -257,7 +276,6 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
     axes = ("[B" if many_to_one else "[T, B") + (", O]" if loss == "mse" else "]")
     raise ValueError(f"targets must have shape {axes} = {want} for loss={loss!r}, "
                      f"many_to_one={many_to_one}; got {_shape(targets)}.")
-  targets = jnp.asarray(targets)
   if loss == "xent":
     if not jnp.issubdtype(targets.dtype, jnp.integer):
       raise TypeError(f"targets must be integer class indices for loss='xent'; "
@@ -277,7 +295,7 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
                        f"got {_shape(loss_weights)}.")
     if not jnp.issubdtype(_dtype(loss_weights), jnp.floating):
       raise TypeError(f"loss_weights must have a floating dtype; got {_dtype(loss_weights)}.")
-    weights = jnp.asarray(loss_weights).astype(dtype)
+    weights = loss_weights.astype(dtype)
     if valid is not None:
       weights = jnp.where(valid, weights, 0)
   elif many_to_one:

@@ -120,6 +120,9 @@ def _is_one_key(key) -> bool:
 def _init(key, input_size, hidden_sizes, output_size, activation, dtype):
   # One compiled function: eager initialisation would compile each op (QR
   # for the orthogonal matrices included) separately for every new shape.
+  # Sampled in at least float32, then cast: LAPACK's QR has no 16-bit kernels,
+  # and float32/float64 parameters come out exactly as sampled.
+  final_dtype, dtype = dtype, (dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32))
   keys = jax.random.split(key, 2 * len(hidden_sizes) + 1)
   in_init = (jax.nn.initializers.he_normal() if activation == "relu"
              else jax.nn.initializers.lecun_normal())
@@ -137,4 +140,5 @@ def _init(key, input_size, hidden_sizes, output_size, activation, dtype):
     readout = Readout(
         W_hy=jax.nn.initializers.lecun_normal()(keys[-1], (d_in, output_size), dtype),
         b_y=jnp.zeros((output_size,), dtype))
-  return RNNParams(tuple(layers), readout, activation)
+  params = RNNParams(tuple(layers), readout, activation)
+  return jax.tree.map(lambda a: a.astype(final_dtype), params)

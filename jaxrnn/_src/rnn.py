@@ -507,4 +507,4 @@ def _loss(params, xs, targets, *, loss, many_to_one, h0, lengths, loss_weights, 
                        lengths=lengths, loss_weights=loss_weights, resets=resets)
   hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, inp.h0)
   out = readout(params, hs[-1])
-  return weighted_total(step_losses(out, inp.targets, loss), inp.weights, xs.shape[1])
+  return weighted_total(step_losses(out, inp.targets, loss), inp.weights, inp.xs.shape[1])

@@ -166,11 +166,13 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
 
   def check_chunk(params, state, xs, targets, resets, loss_weights):
     """Trace-time checks of one chunk against the params and the stream's state."""
-    if not hasattr(xs, "shape"):
-      xs = jnp.asarray(xs)
-    if xs.ndim != 3 or xs.shape[0] != tau_b:
+    xs, targets, resets, loss_weights = (
+        checks.as_array(name, a) for name, a in (("xs", xs), ("targets", targets),
+                                                 ("resets", resets),
+                                                 ("loss_weights", loss_weights)))
+    if xs is None or xs.ndim != 3 or xs.shape[0] != tau_b:
       raise ValueError(f"xs must have shape [tau_b, B, D] with tau_b = {tau_b}; "
-                       f"got {xs.shape}.")
+                       f"got {None if xs is None else xs.shape}.")
     # the chunk alone, as bptt would see it: names the argument on any mismatch
     checks.prepare(params, xs, targets, loss=loss, loss_weights=loss_weights, resets=resets)
     if not isinstance(state, StreamState):
@@ -187,11 +189,12 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
       raise ValueError(f"state does not fit this stream (tau_max - tau_b = {P}), params and "
                        f"chunk (B = {B}): {'; '.join(wrong)}. Make it with this stream's "
                        f"init(params, batch_size).")
-    return xs
+    return xs, targets, resets, loss_weights
 
   @jax.jit
   def step(params, opt_state, state, xs, targets, resets=None, loss_weights=None):
-    xs = check_chunk(params, state, xs, targets, resets, loss_weights)
+    xs, targets, resets, loss_weights = check_chunk(params, state, xs, targets, resets,
+                                                    loss_weights)
     value, grads, state = window_grads(params, state, xs, targets, tau_b=tau_b,
                                        tau_max=tau_max, loss=loss, method=method,
                                        resets=resets, loss_weights=loss_weights)

@@ -7,10 +7,12 @@ turns the parameters into NaN.
 """
 
 import functools
+import numbers
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from tqdm.auto import tqdm
 
@@ -63,8 +65,8 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
   if loss not in checks.LOSSES:
     raise ValueError(f"loss must be one of {checks.LOSSES}; got {loss!r}.")
   checks.check_truncation(tau_max, tau_b, (tau_max or 0) + 1)
-  if clip_norm is not None and (isinstance(clip_norm, bool) or
-                                not isinstance(clip_norm, (int, float)) or not clip_norm > 0):
+  if clip_norm is not None and (isinstance(clip_norm, (bool, np.bool_)) or
+                                not isinstance(clip_norm, numbers.Real) or not clip_norm > 0):
     raise ValueError(f"clip_norm must be a positive number or None; got {clip_norm!r}.")
   # Clipping is stateless, so it is applied to the gradients directly and the
   # caller's ``optimizer.init(params)`` state stays the one the step expects.
