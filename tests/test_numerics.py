@@ -135,3 +135,19 @@ def test_saturated_many_to_one_gradients_equal_autodiff_leaf_by_leaf():
   value = jaxrnn.bptt(params, xs, y, loss="xent", many_to_one=True)[0]
   assert 0 < float(value) < 1e-38
   assert_bptt_equals_autodiff(params, xs, y, "saturated", loss="xent", many_to_one=True)
+
+
+@pytest.mark.parametrize("fn", ["bptt", "autodiff_bptt", "loss"])
+def test_float16_loss_sums_in_float32(fn):
+  """ℓ summed over T·B = 2400 steps is 4× float16's largest value (65504) before the
+  ÷B: a float16 sum was inf, though the averaged loss (about 30,000) fits."""
+  T, B, O = 600, 4, 4
+  p = jaxrnn.init_params(jax.random.key(0), 2, (8,), O, dtype=jnp.float16)
+  xs = jax.random.normal(jax.random.key(1), (T, B, 2), jnp.float32)
+  ys = 5 * jax.random.normal(jax.random.key(2), (T, B, O), jnp.float32)
+  out = getattr(jaxrnn, fn)(p, xs.astype(jnp.float16), ys.astype(jnp.float16))
+  value = out if fn == "loss" else out[0]
+  p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+  exact = jaxrnn.loss(p32, xs, ys)
+  assert value.dtype == jnp.float16 and 6.5e4 < float(exact) * B
+  np.testing.assert_allclose(float(value), float(exact), rtol=2e-3)

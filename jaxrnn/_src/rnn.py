@@ -436,8 +436,13 @@ def step_losses(out, targets, loss: str):
 
 
 def weighted_total(terms, weights, batch: int):
-  """Σ_t Σ_b w_tb ℓ_tb / B."""
-  return jnp.sum(weights * terms) / batch
+  """Σ_t Σ_b w_tb ℓ_tb / B, summed in at least float32.
+
+  A 16-bit sum over T·B terms would round every addition and overflow float16
+  (max 65504) long before the averaged loss does.
+  """
+  acc = terms.dtype if jnp.finfo(terms.dtype).bits >= 32 else jnp.float32
+  return (jnp.sum(weights * terms, dtype=acc) / batch).astype(terms.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=())
