@@ -26,6 +26,7 @@ from jaxrnn._src import checks
 
 PATTERN = "ckpt_{:09d}.npz"
 _NAME = re.compile(r"ckpt_(\d+)\.npz")
+_FOREIGN = "_leaf_dtypes"   # record key: dtype names of leaves stored as raw bits
 
 
 def _checkpoints(directory: pathlib.Path):
@@ -57,7 +58,15 @@ def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> 
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   arrays = [np.asarray(x) for x in jax.tree.leaves(state)]
-  record = json.dumps(dict(record, step=step), sort_keys=True)
+  record = dict(record, step=step)
+  # NumPy's format has no bfloat16 (or other ml_dtypes): such a leaf is stored
+  # as its raw bits, and its dtype's name in the record.
+  foreign = [None if np.dtype(a.dtype.str) == a.dtype else a.dtype.name for a in arrays]
+  if any(foreign):
+    record[_FOREIGN] = foreign
+    arrays = [a if name is None else a.view(f"u{a.dtype.itemsize}")
+              for a, name in zip(arrays, foreign)]
+  record = json.dumps(record, sort_keys=True)
   buf = io.BytesIO()
   np.savez(buf, *arrays, record=np.array(record), digest=np.array(_digest(arrays, record)))
   path = directory / PATTERN.format(step)
@@ -90,11 +99,15 @@ def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
           raise ValueError("it holds more arrays than the training state has")
         if str(z["digest"]) != _digest(arrays, record):
           raise ValueError("its checksum does not match its contents")
+      record = json.loads(record)
+      foreign = record.pop(_FOREIGN, [None] * len(arrays))
+      arrays = [a if name is None else a.view(jax.numpy.dtype(name))
+                for a, name in zip(arrays, foreign)]
       for i, (a, t) in enumerate(zip(arrays, leaves)):
         if a.shape != np.shape(t) or a.dtype != np.asarray(t).dtype:
           raise ValueError(f"array {i} is {a.dtype}{list(a.shape)}, the state expects "
                            f"{np.asarray(t).dtype}{list(np.shape(t))}")
-      return treedef.unflatten([jax.numpy.asarray(a) for a in arrays]), json.loads(record)
+      return treedef.unflatten([jax.numpy.asarray(a) for a in arrays]), record
     except Exception as e:  # noqa: BLE001 - any unreadable file means: try the previous one
       warnings.warn(f"skipping checkpoint {path}: {type(e).__name__}: {e}. "
                     f"Falling back to the previous checkpoint.", RuntimeWarning, stacklevel=2)
