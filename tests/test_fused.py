@@ -143,9 +143,12 @@ def test_fused_none_keeps_xla_loops_off_the_gpu():
     (4, (8,), {}, "16 <= H <= 64"),
     (3, (16,), {}, "powers of two"),
     (4, (16, 128), {}, "H = 128"),
+    (4, (16,), dict(dtype=jnp.bfloat16), "the states are bfloat16, not float32 or float64"),
 ])
 def test_fused_true_says_why_a_loop_cannot_be_fused(batch, hidden, kw, match):
-  params, xs, targets = make_problem(0, T=T, B=batch, D=D, hidden=hidden, O=O)
+  kw = dict(kw)
+  params, xs, targets = make_problem(0, T=T, B=batch, D=D, hidden=hidden, O=O,
+                                     dtype=kw.pop("dtype", jnp.float64))
   with pytest.raises(ValueError, match=f"fused=True.*{match}"):
     jaxrnn.bptt(params, xs, targets, fused=True, **kw)
   jaxrnn.bptt(params, xs, targets, fused=None, **kw)   # the loops that can't, unfused
