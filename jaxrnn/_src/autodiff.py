@@ -59,7 +59,9 @@ def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None
                   return_dh0=False):
   """Loss and gradients by ``jax.value_and_grad``: the reference for :func:`bptt`.
 
-  Same arguments and return as :func:`bptt`. Without truncation this is
+  ``autodiff_bptt :: (params, [T,B,D], targets) -> (scalar, grads like params)``;
+  same arguments and return as :func:`bptt`, without its manual-only options
+  (``checkpoint_every``, ``unroll``, ``fused``). Without truncation this is
   ``jax.value_and_grad(jaxrnn.loss, argnums=(0, h0))``; with truncation the
   windows are realised with ``jax.lax.stop_gradient`` on the state at each
   window's start (see :mod:`jaxrnn._src.windows`).

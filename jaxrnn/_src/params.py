@@ -20,20 +20,28 @@ from jaxrnn._src.activations import get_activation
 
 
 class LayerParams(NamedTuple):
-  """Weights of one recurrent layer."""
+  """Weights of one recurrent layer: ``W_xh`` [D_in, H], ``W_hh`` [H, H], ``b_h`` [H].
+
+  ``z_t = h^{below}_t W_xh + h_{t-1} W_hh + b_h``; D_in is D for the first
+  layer and the width of the layer below otherwise.
+  """
   W_xh: jax.Array  # [D_in, H]  input (layer below) -> hidden; "S-weights"
   W_hh: jax.Array  # [H, H]     hidden -> hidden, one step later; "T-weights"
   b_h: jax.Array   # [H]        hidden bias
 
 
 class Readout(NamedTuple):
-  """Affine map from the top layer's hidden state to the outputs."""
+  """Affine map from the top layer's state to the outputs: ``W_hy`` [H_L, O], ``b_y`` [O].
+
+  ``y_t = h^L_t W_hy + b_y``.
+  """
   W_hy: jax.Array  # [H_L, O]
   b_y: jax.Array   # [O]
 
 
 class RNNParams(NamedTuple):
-  """All parameters of a stacked RNN.
+  """All parameters of a stacked RNN: L :class:`LayerParams` (bottom first) and a
+  :class:`Readout` or None (then the outputs are the top layer's states).
 
   ``activation`` is static metadata, not a leaf: ``jax.tree.leaves(params)``
   holds only arrays, gradients keep the same tree structure (activation
@@ -81,7 +89,9 @@ def init_params(
     dtype: floating dtype of every parameter.
 
   Returns:
-    ``RNNParams(layers, readout, activation)``.
+    ``RNNParams(layers, readout, activation)``: ``layers[l]`` holds W_xh
+    [D_in, H_l], W_hh [H_l, H_l], b_h [H_l]; ``readout`` W_hy [H_L, O], b_y
+    [O], or None. Every leaf has ``dtype``.
 
   Raises:
     TypeError: ``key`` is not one key, or ``dtype`` is not floating.

@@ -24,6 +24,7 @@ GRAD_METHODS = ("manual", "autodiff")  # jaxrnn.bptt, jaxrnn.autodiff_bptt
 
 
 class StepMetrics(NamedTuple):
+  """What one train step measured: all scalars, before the update."""
   loss: jax.Array       # scalar, the batch loss before the update
   grad_norm: jax.Array  # scalar, global norm of the (unclipped) gradient
   skipped: jax.Array    # bool scalar: the loss or gradient was not finite, nothing changed
@@ -105,6 +106,7 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
 
 
 class FitResult(NamedTuple):
+  """What :func:`fit` returns: the final state, logged metrics and the skip count."""
   params: Any
   opt_state: Any
   history: Dict[str, List[float]]  # "step", "loss", "grad_norm" every log_every steps
