@@ -545,8 +545,12 @@ def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=No
                     tau_max=None, tau_b=None, lengths=None, loss_weights=None, resets=None):
   """The backward deltas δh^l_t = ∂L/∂h^l_t of every layer and step (manual pass).
 
-  Same arguments as :func:`bptt`. With truncation, the delta of a step is the
-  sum over the chunks whose window contains it.
+  ``backward_deltas :: (params, [T,B,D], targets) -> ([T,B,H_1], ..., [T,B,H_L])``.
+  The arguments of :func:`bptt` through ``resets``; ``return_dh0``,
+  ``checkpoint_every``, ``unroll`` and ``fused`` are not taken (every delta
+  is returned, so there is nothing for checkpointing to save). With
+  truncation, the delta of a step is the sum over the chunks whose window
+  contains it.
 
   Returns:
     A tuple of L arrays [T, B, H_l].
