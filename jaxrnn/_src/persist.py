@@ -2,10 +2,12 @@
 
 A checkpoint is one ``.npz`` file per step holding every array leaf of the
 training state, a JSON record of everything else (step, metrics so far, skip
-counters, data position) and a SHA-256 over all of it. It is written to a
-temporary file, flushed to disk, then renamed into place, so a crash leaves
-either the old set of checkpoints or the new one, never half a file under a
-checkpoint's name. Loading walks from the newest checkpoint back and skips,
+counters, data position) and a SHA-256 over all of it. Leaves of a dtype that
+NumPy's format lacks (bfloat16 and the other ml_dtypes) are stored as their
+raw bits and restored bit for bit. The file is written to a temporary file,
+flushed to disk, then renamed into place, so a crash leaves either the old
+set of checkpoints or the new one, never half a file under a checkpoint's
+name. Loading walks from the newest checkpoint back and skips,
 with a warning naming the file and the reason, any that is truncated,
 corrupted or does not fit the expected state.
 """
