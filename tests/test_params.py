@@ -58,3 +58,16 @@ def test_half_precision_params(dtype):
   np.testing.assert_allclose(np.float32(value), value32, rtol=2e-2)
   for g, g32 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads32)):
     np.testing.assert_allclose(np.asarray(g, np.float32), g32, atol=3e-2 * np.abs(g32).max())
+
+
+def test_float64_without_x64_warns_once_and_says_how():
+  jax.config.update("jax_enable_x64", False)
+  try:
+    with pytest.warns(UserWarning) as record:
+      p = jaxrnn.init_params(jax.random.key(0), 2, (3,), 1, dtype=jnp.float64)
+  finally:
+    jax.config.update("jax_enable_x64", True)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
+  assert len(record) == 1, [str(w.message) for w in record]   # not one per operation
+  assert "init_params: dtype float64" in str(record[0].message)
+  assert "jax_enable_x64" in str(record[0].message)

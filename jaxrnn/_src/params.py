@@ -9,6 +9,7 @@ Row-vector convention, layer ``l = 1..L`` at step ``t``::
 
 import functools
 import numbers
+import warnings
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
@@ -114,8 +115,15 @@ def init_params(
   output_size = checks.check_int_option("output_size", output_size)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be a floating dtype; got {dtype}.")
-
-  return _init(key, input_size, hidden_sizes, output_size, activation, jnp.dtype(dtype))
+  dtype = jnp.dtype(dtype)
+  if jax.dtypes.canonicalize_dtype(dtype) != dtype:   # float64 without x64
+    warnings.warn(f"init_params: dtype {dtype.name} is not available with "
+                  f"jax_enable_x64 off; the parameters are "
+                  f"{jax.dtypes.canonicalize_dtype(dtype).name}. Set "
+                  f"jax.config.update('jax_enable_x64', True) first for {dtype.name}.",
+                  UserWarning, stacklevel=2)
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+  return _init(key, input_size, hidden_sizes, output_size, activation, dtype)
 
 
 def _is_one_key(key) -> bool:
