@@ -29,6 +29,12 @@ def _dtype(x):
   return jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype
 
 
+def at_least_float32(dtype) -> jnp.dtype:
+  """``dtype``, or float32 for a 16-bit float: where sums accumulate and QR runs."""
+  dtype = jnp.dtype(dtype)
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
 def as_array(name: str, x):
   """``x`` as an array: NumPy/JAX arrays as they are, nested lists and scalars converted.
 

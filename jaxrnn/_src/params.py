@@ -140,7 +140,7 @@ def _init(key, input_size, hidden_sizes, output_size, activation, dtype):
   # for the orthogonal matrices included) separately for every new shape.
   # Sampled in at least float32, then cast: LAPACK's QR has no 16-bit kernels,
   # and float32/float64 parameters come out exactly as sampled.
-  final_dtype, dtype = dtype, (dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32))
+  final_dtype, dtype = dtype, checks.at_least_float32(dtype)
   keys = jax.random.split(key, 2 * len(hidden_sizes) + 1)
   in_init = (jax.nn.initializers.he_normal() if activation == "relu"
              else jax.nn.initializers.lecun_normal())

@@ -441,7 +441,7 @@ def weighted_total(terms, weights, batch: int):
   A 16-bit sum over T·B terms would round every addition and overflow float16
   (max 65504) long before the averaged loss does.
   """
-  acc = terms.dtype if jnp.finfo(terms.dtype).bits >= 32 else jnp.float32
+  acc = checks.at_least_float32(terms.dtype)
   return (jnp.sum(weights * terms, dtype=acc) / batch).astype(terms.dtype)
 
 
