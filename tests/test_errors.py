@@ -119,3 +119,24 @@ def test_bad_array_like_arguments(kwargs, exc, words):
     jaxrnn.bptt(P, XS, Y, **kwargs)
   for w in words:
     assert w in str(info.value), (w, str(info.value))
+
+
+def test_symbolic_shapes_export_autodiff_and_get_a_clear_error_elsewhere():
+  """jax.export with symbolic T and B: forward, loss and untruncated autodiff_bptt
+  export (and agree with the concrete call); the hand-written pass, which lays out its
+  loops from T and B, and truncation, which lays out windows from T, say so by name."""
+  from jax import export
+  T, B = export.symbolic_shape("T, B")
+  spec = lambda *tail: jax.ShapeDtypeStruct((T, B) + tail, jnp.float64)
+  exported = export.export(jax.jit(lambda p, x, y: jaxrnn.autodiff_bptt(p, x, y)))(
+      P, spec(3), spec(2))
+  jax.tree.map(np.testing.assert_array_equal, exported.call(P, XS, Y),
+               jaxrnn.autodiff_bptt(P, XS, Y))
+  for fn, words in [(jaxrnn.bptt, ["needs concrete T and B", "symbolic T, B"]),
+                    (jaxrnn.backward_deltas, ["needs concrete T and B"]),
+                    (lambda p, x, y: jaxrnn.autodiff_bptt(p, x, y, tau_max=2),
+                     ["truncation (tau_max=2) needs a concrete sequence length"])]:
+    with pytest.raises(TypeError) as info:
+      export.export(jax.jit(fn))(P, spec(3), spec(2))
+    for w in words:
+      assert w in str(info.value), (w, str(info.value))

@@ -446,6 +446,13 @@ def _bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths
   inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                        lengths=lengths, loss_weights=loss_weights, resets=resets,
                        tau_max=tau_max, tau_b=tau_b)
+  symbolic = checks.symbolic_axes(inp.xs.shape, "TBD")
+  if symbolic:
+    raise TypeError(f"the hand-written pass needs concrete T and B: it lays out its loops "
+                    f"(unroll, fused kernels, memory order) from them at trace time; xs has "
+                    f"shape {tuple(inp.xs.shape)}, with symbolic {', '.join(symbolic)}. For "
+                    f"shape-polymorphic export use jaxrnn.autodiff_bptt (with truncation, T "
+                    f"must be concrete there too).")
   if checkpoint_every is None:
     res = manual_bptt(params, inp, loss, keep_deltas, plan)
   else:

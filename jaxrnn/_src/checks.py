@@ -138,6 +138,12 @@ class Truncation(NamedTuple):
   window: int  # min(tau_max, T): the number of steps each chunk's gradient spans
 
 
+def symbolic_axes(shape, axes: str):
+  """The names (letters of ``axes``) of the dimensions of ``shape`` that are symbolic
+  (``jax.export`` shape polymorphism), not ints."""
+  return [a for a, d in zip(axes, shape) if not isinstance(d, (int, np.integer))]
+
+
 def check_truncation(tau_max, tau_b, T: int) -> Optional[Truncation]:
   """Validates ``tau_max``/``tau_b`` and returns None when nothing is truncated.
 
@@ -149,7 +155,12 @@ def check_truncation(tau_max, tau_b, T: int) -> Optional[Truncation]:
   if tau_max is not None and tau_b is not None and tau_max < tau_b:
     raise ValueError(f"tau_max must be >= tau_b (else some losses would get no gradient "
                      f"path); got tau_max={tau_max}, tau_b={tau_b}.")
-  if tau_max is None or tau_max >= T:
+  if tau_max is None:
+    return None
+  if symbolic_axes((T,), "T"):
+    raise TypeError(f"truncation (tau_max={tau_max}) needs a concrete sequence length: its "
+                    f"windows are laid out at trace time; got the symbolic T = {T}.")
+  if tau_max >= T:
     return None
   return Truncation(tau_b=tau_max if tau_b is None else tau_b, window=tau_max)
 
