@@ -26,6 +26,29 @@ def test_vmap_over_parameter_sets(kw):
     assert_trees_close(jax.tree.map(lambda a: a[i], grads), g, 1e-12)
 
 
+@pytest.mark.parametrize("T,B,H,O,kw", [
+    (2, 1, (5,), 2, {}), (3, 1, (5,), 3, {}), (1, 2, (5,), 2, dict(resets=True, lengths=True)),
+    (9, 2, (5, 4), 2, dict(resets=True, lengths=True, checkpoint_every=4)),
+])
+def test_vmap_over_tiny_sequences(T, B, H, O, kw):
+  """vmap over inputs, resets and lengths, at the sizes where XLA:CPU aborted the process
+  (a batched ΔW_hy product of T·N·H·O <= 40 got a layout its dot emitter rejected; with
+  checkpoint_every=4 at T = 9 the last segment has T·N = 2). Equal to a loop of calls."""
+  V, kw = 3, dict(kw)
+  params, _, targets = make_problem(0, T=T, B=B, hidden=H, O=O)
+  rng = np.random.default_rng(1)
+  batched = dict(xs=jnp.asarray(rng.normal(size=(V, T, B, 3))))
+  if kw.pop("resets", False):
+    batched["resets"] = jnp.asarray(rng.random((V, T, B)) < 0.3)
+  if kw.pop("lengths", False):
+    batched["lengths"] = jnp.asarray(rng.integers(1, T + 1, size=(V, B)))
+  got = jax.vmap(lambda a: jaxrnn.bptt(params, a.pop("xs"), targets, **a, **kw))(batched)
+  for i in range(V):
+    one = {k: v[i] for k, v in batched.items()}
+    want = jaxrnn.autodiff_bptt(params, one.pop("xs"), targets, **one)
+    assert_trees_close(jax.tree.map(lambda a: a[i], got), want, 1e-12)
+
+
 def test_jit_with_donated_buffers():
   """The gradients have the parameters' shapes, so a train step can donate the parameters:
   XLA reuses every donated buffer (JAX warns about any it cannot use) and the result is

@@ -287,6 +287,9 @@ def _sum_outer(a, b):
   return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
 
+_TINY_READOUT = 4096   # T·N·H·O; 100x the largest size that crashed (see _readout_grad)
+
+
 def _readout_grad(h, d_out):
   """``ΔW_hy = Σ_t h_tᵀ δo_t`` [H, O], formed as ``(δoᵀ h)ᵀ`` from a transposed copy of δo.
 
@@ -298,7 +301,15 @@ def _readout_grad(h, d_out):
   (The same for ``ΔW_xh`` from a transposed shifted copy of the layer input
   was 1.0-1.5x slower.) The barriers keep XLA from folding the transposes
   back into the product.
+
+  Tiny products (T·N·H·O below ``_TINY_READOUT``) are formed plainly: there
+  the trick gains nothing, and under ``jax.vmap`` XLA:CPU (jaxlib 0.10.2)
+  gave the batched product a transposed output layout that its own dot
+  emitter then rejected, aborting the process (``Check failed:
+  LayoutUtil::IsMonotonicWithDim0Major``; seen for T·N·H·O <= 40).
   """
+  if h.size * d_out.shape[-1] < _TINY_READOUT:
+    return _sum_outer(h, d_out)
   d_T = lax.optimization_barrier(d_out.reshape(-1, d_out.shape[-1]).T)    # [O, T·N]
   return lax.optimization_barrier(d_T @ h.reshape(-1, h.shape[-1])).T     # [H, O]
 
