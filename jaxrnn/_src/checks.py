@@ -50,6 +50,11 @@ def as_array(name: str, x):
                     f"shape); got {type(x).__name__}: {e}") from None
 
 
+def as_arrays(**named) -> tuple:
+  """:func:`as_array` of each keyword argument, returned in the order given."""
+  return tuple(as_array(name, x) for name, x in named.items())
+
+
 def check_params(params) -> None:
   """Checks that ``params`` is a consistent :class:`RNNParams`."""
   from jaxrnn._src.params import LayerParams, Readout, RNNParams  # no cycle
@@ -223,9 +228,8 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
   dtype = param_dtype(params)
   hs = hidden_sizes(params)
 
-  xs, targets, lengths, loss_weights, resets = (
-      as_array(name, x) for name, x in (("xs", xs), ("targets", targets), ("lengths", lengths),
-                                      ("loss_weights", loss_weights), ("resets", resets)))
+  xs, targets, lengths, loss_weights, resets = as_arrays(
+      xs=xs, targets=targets, lengths=lengths, loss_weights=loss_weights, resets=resets)
   if xs is None:
     raise TypeError("xs must be a [T, B, D] array; got None.")
   if xs.ndim != 3:

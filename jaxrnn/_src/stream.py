@@ -166,10 +166,8 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
 
   def check_chunk(params, state, xs, targets, resets, loss_weights):
     """Trace-time checks of one chunk against the params and the stream's state."""
-    xs, targets, resets, loss_weights = (
-        checks.as_array(name, a) for name, a in (("xs", xs), ("targets", targets),
-                                                 ("resets", resets),
-                                                 ("loss_weights", loss_weights)))
+    xs, targets, resets, loss_weights = checks.as_arrays(
+        xs=xs, targets=targets, resets=resets, loss_weights=loss_weights)
     if xs is None or xs.ndim != 3 or xs.shape[0] != tau_b:
       raise ValueError(f"xs must have shape [tau_b, B, D] with tau_b = {tau_b}; "
                        f"got {None if xs is None else xs.shape}.")
