@@ -12,6 +12,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# Four CPU devices (before any backend starts), for the data-parallel tests
+# (test_sharding.py); every other test runs on the default device as before.
+jax.config.update("jax_num_cpu_devices", 4)
 # Full float32 matrix products on every backend: on NVIDIA GPUs XLA would
 # otherwise use TF32 tensor cores for float32 (about 1e-3 relative error), which
 # the float32 comparisons are not about.

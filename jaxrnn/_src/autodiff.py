@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxrnn._src import checks, windows
+from jaxrnn._src import checks, sharding, windows
 from jaxrnn._src.bptt import _OPTIONS
 from jaxrnn._src.rnn import forward_layers, readout, step_losses, weighted_total
 
@@ -78,7 +78,12 @@ def _autodiff_bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b
   inp = checks.prepare(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                        lengths=lengths, loss_weights=loss_weights, resets=resets,
                        tau_max=tau_max, tau_b=tau_b)
-  fn = full_loss if inp.truncation is None else _truncated_loss
-  (value, _), (grads, dh0) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
-      params, inp.h0, inp, loss)
+
+  def compute(params, inp):   # jax.grad sums over shard_map's devices itself
+    fn = full_loss if inp.truncation is None else _truncated_loss
+    (value, _), (grads, dh0) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
+        params, inp.h0, inp, loss)
+    return value, grads, dh0 if return_dh0 else None
+
+  value, grads, dh0 = sharding.data_parallel(compute, params, inp, per_example_axis=0)
   return (value, grads, dh0) if return_dh0 else (value, grads)

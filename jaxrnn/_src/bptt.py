@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrnn._src import checks, kernels, windows
+from jaxrnn._src import checks, kernels, sharding, windows
 from jaxrnn._src.activations import get_activation
 from jaxrnn._src.params import LayerParams, Readout, RNNParams
 from jaxrnn._src.rnn import (LoopPlan, at_step, default_unroll, forward_layers,
@@ -132,7 +132,7 @@ def _reverse_scan(W_hh, fprime, hs, g, g0, valid, reset, keep_deltas, dh_end=Non
       deltas = write_block(deltas, jnp.stack(dhs), s0 + 1)
     return dh_next, dh_reset, buf, deltas
 
-  zeros = jnp.zeros(flat(g).shape[1:], g.dtype)
+  zeros = jnp.zeros_like(flat(g)[0])
   init = (zeros if dh_end is None else flat(dh_end[None])[0], None if reset is None else zeros,
           flat(g), jnp.zeros_like(flat(g)) if keep_deltas else None)
   if one_kernel:   # no masks, no δh: only the T-delta and Z come out
@@ -464,14 +464,21 @@ def _bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths
                     f"shape {tuple(inp.xs.shape)}, with symbolic {', '.join(symbolic)}. For "
                     f"shape-polymorphic export use jaxrnn.autodiff_bptt (with truncation, T "
                     f"must be concrete there too).")
-  if checkpoint_every is None:
-    res = manual_bptt(params, inp, loss, keep_deltas, plan)
-  else:
-    from jaxrnn._src.checkpoint import checkpointed_bptt  # imports this module
-    res = checkpointed_bptt(params, inp, loss, checkpoint_every, plan)
+
+  def compute(params, inp):
+    if checkpoint_every is None:
+      res = manual_bptt(params, inp, loss, keep_deltas, plan)
+    else:
+      from jaxrnn._src.checkpoint import checkpointed_bptt  # imports this module
+      res = checkpointed_bptt(params, inp, loss, checkpoint_every, plan)
+    per_example = res.deltas if keep_deltas else res.dh0 if return_dh0 else None
+    return res.loss, sharding.sum_over_devices(res.grads, params), per_example
+
+  value, grads, per_example = sharding.data_parallel(compute, params, inp,
+                                                     per_example_axis=1 if keep_deltas else 0)
   if keep_deltas:
-    return res.deltas
-  return (res.loss, res.grads, res.dh0) if return_dh0 else (res.loss, res.grads)
+    return per_example
+  return (value, grads, per_example) if return_dh0 else (value, grads)
 
 
 def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max=None,
@@ -502,6 +509,11 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
   truncation; ``tau_b=None``: ``tau_b = tau_max`` (classic truncated BPTT).
   Williams & Peng (1990), "An efficient gradient-based algorithm for on-line
   training of recurrent network trajectories".
+
+  A batch split over devices gives the one-device result: under an Explicit
+  mesh the pass runs on each device's rows (``sharding.data_parallel``);
+  inside ``jax.shard_map`` the weight gradients are summed over the devices,
+  as ``jax.grad`` sums them there (README, "Several devices").
 
   Args:
     params: RNNParams.

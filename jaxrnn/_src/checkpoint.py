@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrnn._src import checks, windows
+from jaxrnn._src import checks, sharding, windows
 from jaxrnn._src.bptt import (ManualResult, _loss_and_output_grad, backward_layers,
                               readout_backward)
 from jaxrnn._src.params import RNNParams
@@ -93,9 +93,9 @@ def window_backward(params, xs, valid, reset, targets, weights, h_start, h_reset
     return (back.dh_start, _add(g_layers, back.layers),
             g_readout if d_ro is None else _add(g_readout, d_ro), d_reset), value
 
-  zero_layers = tuple(jax.tree.map(jnp.zeros_like, l) for l in params.layers)
-  zero_readout = None if params.readout is None else jax.tree.map(jnp.zeros_like,
-                                                                  params.readout)
+  zero = lambda t: jax.tree.map(lambda a: sharding.zeros_varying_like(a, xs), t)
+  zero_layers = tuple(zero(l) for l in params.layers)
+  zero_readout = None if params.readout is None else zero(params.readout)
   zeros_h = tuple(jnp.zeros_like(h) for h in h_start)
   init = (zeros_h, zero_layers, zero_readout, zeros_h if reset is not None else None)
   total = jnp.zeros((), xs.dtype)
@@ -185,8 +185,9 @@ def _truncated(params, inp, loss, k, h_reset, reach_h0, plan):
     return (total + value, _add(g_layers, gl), None if gr is None else _add(g_readout, gr),
             _add(dh0, d)), None
 
-  zero = lambda t: jax.tree.map(jnp.zeros_like, t)
-  init = (jnp.zeros((), inp.xs.dtype), zero(params.layers), zero(params.readout), zero(inp.h0))
+  zero = lambda t: jax.tree.map(lambda a: sharding.zeros_varying_like(a, inp.xs), t)
+  init = (zero(jnp.zeros((), inp.xs.dtype)), zero(params.layers), zero(params.readout),
+          zero(inp.h0))
   (value, g_layers, g_readout, dh0), _ = lax.scan(body, init, jnp.arange(win.steps.shape[0]))
   return ManualResult(value, RNNParams(g_layers, g_readout, params.activation), dh0,
                       (None,) * len(params.layers), None)

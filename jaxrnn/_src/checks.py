@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrnn._src import sharding
 from jaxrnn._src.activations import get_activation
 
 LOSSES = ("mse", "xent")
@@ -247,9 +248,12 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
                      f"D = {input_size(params)} (params.layers[0].W_xh is "
                      f"{_shape(params.layers[0].W_xh)}); got xs shape {xs.shape}.")
   xs = xs.astype(dtype)
+  # Explicit meshes: xs split along B only, and every per-example array as xs
+  # once checked (sharding.split_like; no-ops otherwise)
+  xs = sharding.split_like(xs, xs)
 
   if h0 is None:
-    h0 = tuple(jnp.zeros((B, h), dtype) for h in hs)
+    h0 = tuple(sharding.batch_zeros(xs[0], (B, h), dtype) for h in hs)
   else:
     if not isinstance(h0, (tuple, list)) or len(h0) != len(hs):
       got = f"{type(h0).__name__} of length {len(h0)}" if isinstance(h0, (tuple, list)) \
@@ -264,7 +268,7 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
                          f"got {'None' if h is None else _shape(h)}.")
       if not jnp.issubdtype(_dtype(h), jnp.floating):
         raise TypeError(f"h0[{l}] must have a floating dtype; got {_dtype(h)}.")
-    h0 = tuple(h.astype(dtype) for h in h0)
+    h0 = tuple(sharding.split_like(h.astype(dtype), xs, axis=0) for h in h0)
 
   valid = None
   if lengths is not None:
@@ -272,6 +276,7 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
       raise ValueError(f"lengths must have shape [B] = {(B,)}; got {_shape(lengths)}.")
     if not jnp.issubdtype(_dtype(lengths), jnp.integer):
       raise TypeError(f"lengths must have an integer dtype; got {_dtype(lengths)}.")
+    lengths = sharding.split_like(lengths, xs, axis=0)
     valid = jnp.arange(T, dtype=lengths.dtype)[:, None] < lengths[None, :]
     xs = jnp.where(valid[:, :, None], xs, 0)  # padded inputs can never leak (NaN-safe)
 
@@ -281,7 +286,7 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
       raise ValueError(f"resets must have shape [T, B] = {(T, B)}; got {_shape(resets)}.")
     if _dtype(resets) != jnp.bool_:
       raise TypeError(f"resets must have dtype bool; got {_dtype(resets)}.")
-    reset = resets
+    reset = sharding.split_like(resets, xs)
     if valid is not None:
       reset = reset & valid
 
@@ -306,6 +311,7 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
                     f"got {targets.dtype}.")
   else:
     targets = targets.astype(dtype)
+  targets = sharding.split_like(targets, xs, axis=0 if many_to_one else 1)
 
   if loss_weights is not None:
     if many_to_one:
@@ -316,7 +322,7 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
                        f"got {_shape(loss_weights)}.")
     if not jnp.issubdtype(_dtype(loss_weights), jnp.floating):
       raise TypeError(f"loss_weights must have a floating dtype; got {_dtype(loss_weights)}.")
-    weights = loss_weights.astype(dtype)
+    weights = sharding.split_like(loss_weights.astype(dtype), xs)
     if valid is not None:
       weights = jnp.where(valid, weights, 0)
   elif many_to_one:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrnn._src import checks
+from jaxrnn._src import checks, sharding
 from jaxrnn._src.autodiff import full_loss
 from jaxrnn._src.bptt import manual_bptt
 from jaxrnn._src.rnn import LoopPlan, default_unroll
@@ -67,7 +67,11 @@ def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, los
   B = xs.shape[1]
   if resets is None:
     resets = jnp.zeros(xs.shape[:2], bool)
-  xs_w = jnp.concatenate([state.xs_kept, xs.astype(state.xs_kept.dtype)], axis=0)
+  # Explicit meshes: every piece of the window split along B as the chunk is
+  # (sharding.split_like; no-ops otherwise)
+  xs = sharding.split_like(xs, xs)
+  split = lambda a: sharding.split_like(a, xs)
+  xs_w = jnp.concatenate([split(state.xs_kept), xs.astype(state.xs_kept.dtype)], axis=0)
   # Kept positions that are not yet real (start of the stream) are dropped by
   # a reset at the first real position: the window then starts from h_init.
   # The reset stays with the kept steps, so that the window that first holds
@@ -75,25 +79,32 @@ def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, los
   # its h_start is a state of the not-yet-real steps.
   pos = jnp.arange(tau_max, dtype=jnp.int32)
   warmup = (pos == P - state.kept) & (state.kept < P)
-  resets_w = jnp.concatenate([state.resets_kept, resets], axis=0) | warmup[:, None]
+  resets_w = jnp.concatenate([split(state.resets_kept), split(resets)], axis=0) | warmup[:, None]
   pad = jnp.zeros((P,) + targets.shape[1:], targets.dtype)
-  targets_w = jnp.concatenate([pad, targets], axis=0)
+  targets_w = jnp.concatenate([split(pad), split(targets)], axis=0)
   dtype = xs_w.dtype
   own = jnp.ones((tau_b, B), dtype) if loss_weights is None else loss_weights.astype(dtype)
-  weights = jnp.concatenate([jnp.zeros((P, B), dtype), own], axis=0)
+  weights = jnp.concatenate([split(jnp.zeros((P, B), dtype)), split(own)], axis=0)
   inp = checks.prepare(params, xs_w, targets_w, loss=loss, h0=state.h_start,
                        loss_weights=weights, resets=resets_w)
-  inp = inp._replace(h_reset=state.h_init)
-  if method == "manual":
-    res = manual_bptt(params, inp, loss, plan=LoopPlan(unroll=default_unroll(), fused=None))
-    value, grads, hs = res.loss, res.grads, res.hs
-  else:
-    (value, hs), grads = jax.value_and_grad(full_loss, has_aux=True)(
-        params, inp.h0, inp, loss)
+  inp = inp._replace(h_reset=tuple(sharding.split_like(h, xs, axis=0) for h in state.h_init))
+
+  def compute(params, inp):
+    if method == "manual":
+      res = manual_bptt(params, inp, loss, plan=LoopPlan(unroll=default_unroll(), fused=None))
+      value, grads, hs = res.loss, sharding.sum_over_devices(res.grads, params), res.hs
+    else:
+      (value, hs), grads = jax.value_and_grad(full_loss, has_aux=True)(
+          params, inp.h0, inp, loss)
+    # the next window starts tau_b steps later
+    return value, grads, (tuple(h[-1] for h in hs), tuple(h[tau_b - 1] for h in hs))
+
+  value, grads, (h_last, h_start) = sharding.data_parallel(
+      compute, params, inp, per_example_axis=0, per_example_grads=False)
   new_state = StreamState(
-      h=tuple(h[-1] for h in hs),
-      h_start=tuple(h[tau_b - 1] for h in hs),  # the next window starts tau_b steps later
-      h_init=state.h_init,
+      h=h_last,
+      h_start=h_start,
+      h_init=inp.h_reset,                 # as given (split as the chunk is)
       xs_kept=xs_w[tau_b:],
       resets_kept=resets_w[tau_b:],
       kept=jnp.minimum(state.kept + tau_b, P).astype(jnp.int32),
