@@ -79,7 +79,7 @@ def _autodiff_bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b
                        lengths=lengths, loss_weights=loss_weights, resets=resets,
                        tau_max=tau_max, tau_b=tau_b)
 
-  def compute(params, inp):   # jax.grad sums over shard_map's devices itself
+  def compute(params, inp):
     fn = full_loss if inp.truncation is None else _truncated_loss
     (value, _), (grads, dh0) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
         params, inp.h0, inp, loss)

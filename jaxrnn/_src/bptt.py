@@ -472,7 +472,7 @@ def _bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths
       from jaxrnn._src.checkpoint import checkpointed_bptt  # imports this module
       res = checkpointed_bptt(params, inp, loss, checkpoint_every, plan)
     per_example = res.deltas if keep_deltas else res.dh0 if return_dh0 else None
-    return res.loss, sharding.sum_over_devices(res.grads, params), per_example
+    return res.loss, res.grads, per_example
 
   value, grads, per_example = sharding.data_parallel(compute, params, inp,
                                                      per_example_axis=1 if keep_deltas else 0)

@@ -107,7 +107,8 @@ def data_parallel(compute, params, inp, per_example_axis: int,
   ``inp.xs`` is. If ``xs`` is split along B, ``compute`` runs inside
   ``jax.shard_map`` over those mesh axes, and its results are combined.
   ``compute`` returns ``(loss, grads, per_example)``: the loss a batch
-  mean, ``grads`` summed over the devices (:func:`sum_over_devices`),
+  mean, ``grads`` per device or already summed over the devices (as
+  ``jax.grad`` makes them; this sums the others, :func:`sum_over_devices`),
   ``per_example`` a pytree of arrays with B on axis ``per_example_axis``.
   With n devices and equal shares of the batch, the whole batch's loss is
   the mean of the devices' losses and every gradient 1/n of the devices'
@@ -115,7 +116,8 @@ def data_parallel(compute, params, inp, per_example_axis: int,
   (``per_example_grads``: ∂L/∂h0, deltas) are 1/n of the device's, per-
   example states (``per_example_grads=False``) are kept as they are. The
   gradients come back split as their parameters are. With no Explicit mesh
-  (none, an *Auto* one, inside ``shard_map``): ``compute(params, inp)``.
+  (none, an *Auto* one, inside ``shard_map``): ``compute(params, inp)``,
+  its gradients summed over ``shard_map``'s devices.
 
   Args:
     compute: ``(params, inp) -> (loss, grads, per_example)``.
@@ -124,10 +126,15 @@ def data_parallel(compute, params, inp, per_example_axis: int,
     per_example_axis: B's axis in every leaf of ``per_example``.
     per_example_grads: whether ``per_example`` holds gradients (scaled by 1/n).
   """
+  def summed(params, inp):            # hand-made weight gradients summed as jax.grad's are
+    value, grads, per_example = compute(params, inp)
+    return value, sum_over_devices(grads, params), per_example
+
+  # xs first: where several meshes are named, xs's is the one used
   arrays = [a for a in jax.tree.leaves((inp.xs, params, inp)) if isinstance(a, jax.Array)]
   meshes = [m for m in map(_explicit_mesh, arrays) if m is not None]
   if not meshes:
-    return compute(params, inp)
+    return summed(params, inp)
   mesh = meshes[0]
   axes = _spec(inp.xs)[1] if _explicit_mesh(inp.xs) is not None else None
   names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
@@ -149,7 +156,7 @@ def data_parallel(compute, params, inp, per_example_axis: int,
         grads, params)
 
   if not names:                       # not split along the batch: now all replicated
-    value, grads, per_example = compute(reshard(params, P()), series._replace(**state, **static))
+    value, grads, per_example = summed(reshard(params, P()), series._replace(**state, **static))
     return value, as_params(grads), per_example
 
   n = 1
@@ -157,7 +164,7 @@ def data_parallel(compute, params, inp, per_example_axis: int,
     n *= mesh.shape[name]
 
   def local(params, state, series):
-    value, grads, per_example = compute(params, series._replace(**state, **static))
+    value, grads, per_example = summed(params, series._replace(**state, **static))
     scale = lambda t: jax.tree.map(lambda a: a / n, t)
     return (jax.lax.pmean(value, names), scale(grads),
             scale(per_example) if per_example_grads else per_example)

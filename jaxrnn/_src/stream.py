@@ -92,7 +92,7 @@ def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, los
   def compute(params, inp):
     if method == "manual":
       res = manual_bptt(params, inp, loss, plan=LoopPlan(unroll=default_unroll(), fused=None))
-      value, grads, hs = res.loss, sharding.sum_over_devices(res.grads, params), res.hs
+      value, grads, hs = res.loss, res.grads, res.hs
     else:
       (value, hs), grads = jax.value_and_grad(full_loss, has_aux=True)(
           params, inp.h0, inp, loss)
