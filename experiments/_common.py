@@ -4,6 +4,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -112,10 +113,29 @@ def results_dir(name: str, out: str | None = None) -> pathlib.Path:
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
-  """Writes JSON atomically (write to a temporary file, then rename)."""
+  """Writes JSON atomically (write to a temporary file, then rename).
+
+  JSON has no NaN or infinity (Python's ``json`` would write the invalid
+  tokens ``NaN`` and ``Infinity``, which strict readers reject): they are
+  written as ``null``, like a missing value.
+  """
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+  tmp.write_text(json.dumps(_finite_or_null(obj), indent=2, default=float, allow_nan=False)
+                 + "\n")
   os.replace(tmp, path)
+
+
+def _finite_or_null(obj: Any) -> Any:
+  """``obj`` with every non-finite float (also NumPy's) replaced by None."""
+  if isinstance(obj, dict):
+    return {k: _finite_or_null(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite_or_null(v) for v in obj]
+  if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):   # NumPy arrays, scalars
+    return _finite_or_null(obj.tolist())
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
 
 
 def block(x):

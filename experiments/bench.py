@@ -80,6 +80,7 @@ class Config:
   def __post_init__(self):
     check_config(self, positive=("repeats", "min_time"), non_negative=("heap_mib",),
                  choices=dict(precision=PRECISIONS))
+    select_points(SMOKE_GRID if self.smoke else GRID, self.points)  # names --points if bad
 
 
 # Environment variables that change the timings without changing the program
@@ -121,7 +122,7 @@ def select_points(grid, points):
   bad = [i for i in points
          if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(grid)]
   if bad or len(set(points)) != len(points):
-    raise ValueError(f"points must be distinct row indices in [0, {len(grid)}) of the "
+    raise ValueError(f"--points must be distinct row indices in [0, {len(grid)}) of the "
                      f"{'smoke ' if grid is SMOKE_GRID else ''}grid; got {tuple(points)!r}.")
   return tuple(grid[i] for i in points)
 

@@ -65,6 +65,13 @@ class Config:
                  non_negative=("lr", "sample_chars"), choices=dict(grad=GRADS, dtype=DTYPES))
     if self.tau_max < self.tau_b:
       raise ValueError(f"--tau_max must be >= --tau_b; got {self.tau_max} < {self.tau_b}.")
+    if self.heldout_every < 2:  # 1 would hold out every file and leave nothing to train on
+      raise ValueError(f"--heldout_every must be >= 2; got {self.heldout_every}.")
+    need = self.streams * self.tau_b + 1   # one chunk per stream, and its next character
+    for name in ("train_chars", "heldout_chars"):
+      if getattr(self, name) < need:
+        raise ValueError(f"--{name} must be >= --streams * --tau_b + 1 = {need}; "
+                         f"got {getattr(self, name)}.")
 
 
 SMOKE = Config(hidden=16, streams=4, steps=12, train_chars=20_000, heldout_chars=5_000,
@@ -141,6 +148,10 @@ def run(cfg: Config, out=None):
 
   x, y, r, w = streams(train_ids, corpus["train"][1], cfg.streams, cfg.tau_b)
   hx, hy, hr, hw = streams(held_ids, corpus["heldout"][1], cfg.streams, cfg.tau_b)
+  for split, ids, cut in (("training", train_ids, x), ("held-out", held_ids, hx)):
+    if len(cut) == 0:  # the config's checks passed, but this Python's stdlib has less text
+      raise ValueError(f"the {split} text has {len(ids)} characters, too few for one chunk "
+                       f"of --tau_b {cfg.tau_b} in each of --streams {cfg.streams}; lower them.")
   eye = jnp.eye(V, dtype=dtype)
 
   params = jaxrnn.init_params(jax.random.key(cfg.seed), V, (cfg.hidden,), V, dtype=dtype)

@@ -47,6 +47,8 @@ class Config:
     check_config(self, positive=("n_sequences", "length", "steps", "test_length", "grid"),
                  non_negative=("rprop_lr", "adam_lr", "sgd_lr"),
                  choices=dict(grad=GRADS, dtype=DTYPES))
+    if self.grid < 2:  # the loss surface is drawn as contours: at least 2 x 2 points
+      raise ValueError(f"--grid must be >= 2; got {self.grid}.")
 
 
 SMOKE = Config(steps=20, grid=21, smoke=True)
@@ -118,7 +120,8 @@ def run(cfg: Config):
 
   metrics = dict(
       w_x=runs["rprop"]["w_x"], w_rec=runs["rprop"]["w_rec"],
-      final_loss={k: r["loss"][-1] for k, r in runs.items()},  # last finite loss
+      # the last finite loss; None when every step was skipped (see skipped_steps)
+      final_loss={k: r["loss"][-1] if r["loss"] else None for k, r in runs.items()},
       skipped_steps={k: r["skipped_steps"] for k, r in runs.items()},  # non-finite loss
       final_params={k: (r["w_x"], r["w_rec"]) for k, r in runs.items()},
       distance_to_solution=math.hypot(runs["rprop"]["w_x"] - 1, runs["rprop"]["w_rec"] - 1),
@@ -163,8 +166,10 @@ def main(argv=None):
   metrics["config"] = dataclasses.asdict(cfg)
   write_json(out / "metrics.json", metrics)
   plot(out / "counting.png", metrics, runs, w, surface)
+  final = metrics["final_loss"]["rprop"]
   print(f"rprop: w_x = {metrics['w_x']:.5f}, w_rec = {metrics['w_rec']:.5f} "
-        f"(loss {metrics['final_loss']['rprop']:.2e}); adam: {metrics['final_params']['adam']}, "
+        f"(loss {'not finite at any step' if final is None else f'{final:.2e}'}); "
+        f"adam: {metrics['final_params']['adam']}, "
         f"sgd: {metrics['final_params']['sgd']}")
   print(f"test sequence of {cfg.test_length} bits: counted {metrics['test_count']:.4f}, "
         f"true {metrics['test_true_count']:.0f}")

@@ -55,9 +55,12 @@ def summary(name, m):
             "last sample: `" + m["samples"][-1]["text"][:160].replace("\n", "⏎")
             .replace("`", "'") + "`"]
   if name == "gradient_flow":
-    rows = ["| activation | ρ | γ | fitted rate | log(ργ) |", "|---|---|---|---|---|"]
-    rows += [f"| {r['activation']} | {r['rho']} | {r['gamma']} | {r['fitted_rate']:.4f} | "
-             f"{r['predicted_rate']:.4f} |" for r in m["rates"]]
+    import gradient_flow
+    rows = ["| activation | ρ | γ | fitted rate | log(ργ) | steps fitted |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {r['activation']} | {r['rho']} | {r['gamma']} | {gradient_flow.rate_text(r)} | "
+             f"{r['predicted_rate']:.4f} | {r['fitted_steps']} of {m['config']['T']} |"
+             for r in m["rates"]]
     return ["fitted decay/growth rate of ‖δh^L‖ per step against the spectral-radius rate:",
             ""] + rows
   if name == "truncation":

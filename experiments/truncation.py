@@ -52,8 +52,9 @@ class Config:
   out: str = ""
 
   def __post_init__(self):
-    check_config(self, positive=("T", "batch", "hidden", "steps", "n_seeds", "success"),
-                 non_negative=("lag", "w_hh_scale", "lr"), choices=dict(grad=GRADS, dtype=DTYPES))
+    # lag >= 1: the sweep is tau_max = 1 .. 2 * lag, empty for lag 0
+    check_config(self, positive=("lag", "T", "batch", "hidden", "steps", "n_seeds", "success"),
+                 non_negative=("w_hh_scale", "lr"), choices=dict(grad=GRADS, dtype=DTYPES))
     if self.lag >= self.T:
       raise ValueError(f"--lag must be < --T; got {self.lag} >= {self.T}.")
 

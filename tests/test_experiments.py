@@ -125,15 +125,26 @@ def test_full_config_meets_its_targets(name, full_runs):
     ("sine", ["--resume", "maybe"], "argument --resume: expected true or false"),
     ("counting", ["--start", "(1, 2, 3)"], "argument --start: expected a tuple of 2"),
     ("counting", ["--sgd_lr=-1e-5"], "--sgd_lr must be >= 0"),
+    ("counting", ["--grid", "1"], "--grid must be >= 2; got 1"),
     ("bitsum", ["--hidden", "(4, 0)"], "--hidden must be a non-empty tuple with every element > 0"),
     ("bitsum", ["--hidden", "('a',)"], "argument --hidden: expected a tuple like (6, 4)"),
     ("bitsum", ["--min_bits", "9"], "--min_bits must be <= --max_bits; got 9 > 8"),
     ("charlm", ["--tau_max", "10"], "--tau_max must be >= --tau_b; got 10 < 25"),
     ("charlm", ["--grad", "numeric"], "--grad must be one of ('manual', 'autodiff')"),
+    ("charlm", ["--heldout_every", "1"], "--heldout_every must be >= 2; got 1"),
+    ("charlm", ["--smoke", "--train_chars", "32"],
+     "--train_chars must be >= --streams * --tau_b + 1 = 33; got 32"),
+    ("charlm", ["--heldout_chars", "800"],
+     "--heldout_chars must be >= --streams * --tau_b + 1 = 801; got 800"),
     ("gradient_flow", ["--activations", "('gelu',)"], "--activations must be a non-empty tuple"),
+    ("gradient_flow", ["--T", "1"], "--T must be >= 2 (a rate is fitted over lags); got 1"),
+    ("gradient_flow", ["--radii", "(1.0, 0.0)"],
+     "--radii must be a non-empty tuple with every element > 0"),
     ("truncation", ["--lag", "30"], "--lag must be < --T; got 30 >= 30"),
+    ("truncation", ["--lag", "0"], "--lag must be > 0; got 0"),
     ("compare_gradients", ["--repeats", "0"], "--repeats must be > 0"),
     ("bench", ["--precision", "tf32"], "--precision must be one of ('default', 'float32')"),
+    ("bench", ["--points", "(9,)"], "--points must be distinct row indices in [0, 9) of the grid"),
     ("profile_ops", ["--calls", "0"], "--calls must be > 0"),
 ])
 def test_bad_overrides_are_usage_errors(name, args, words, capsys):
@@ -144,6 +155,71 @@ def test_bad_overrides_are_usage_errors(name, args, words, capsys):
     module.parse_config(module.Config, args, smoke=getattr(module, "SMOKE", None))
   assert info.value.code == 2
   assert words in capsys.readouterr().err
+
+
+def test_charlm_names_a_corpus_too_small_for_its_streams(tmp_path, monkeypatch):
+  """The config's bound is met, but this Python's stdlib holds less text than asked for:
+  a ValueError naming the sizes, not a division by zero or a NaN held-out score."""
+  import charlm
+  real = charlm.load_corpus
+
+  def tiny(cfg):
+    corpus, n = real(cfg)
+    text, starts = corpus["train"]
+    corpus["train"] = (text[:20], starts[starts < 20])
+    return corpus, n
+  monkeypatch.setattr(charlm, "load_corpus", tiny)
+  with pytest.raises(ValueError, match=r"the training text has 20 characters, too few for one "
+                                       r"chunk of --tau_b 8 in each of --streams 4"):
+    charlm.run(charlm.SMOKE)
+
+
+def test_gradient_flow_fits_rates_only_where_the_dtype_holds_the_deltas():
+  """In float32 the deltas of identity with ρ = 3 overflow after some dozens of steps (and
+  sigmoid's underflow): the rate is fitted over the steps before, and is still log(ρ γ);
+  norms of entries near the float32 limit are computed without overflow."""
+  import gradient_flow as gf
+  lags = np.arange(60)[::-1]                                      # lag 0: the last step
+  grow = np.where(lags > 40, np.inf, 1e-5 * 3.0 ** lags).astype(np.float32)   # overflowed
+  fall = (0.125 ** lags).astype(np.float32)                       # subnormal, then 0
+  d = [np.stack([grow, 2 * grow], -1)[:, None, :],                # [T, B = 1, H = 2]
+       np.stack([fall, fall], -1)[:, None, :]]
+  norms, ok = gf.delta_norms(d, np.float32)
+  assert ok[0].sum() == 41 and ok[1].sum() == 43   # 0.125^42 = 2^-126: float32's least normal
+  np.testing.assert_allclose(gf.fit_rate(norms[0], ok[0]), np.log(3.0), rtol=1e-6)
+  np.testing.assert_allclose(gf.fit_rate(norms[1], ok[1]), np.log(0.125), rtol=1e-6)
+  big = np.full((1, 1, 4), 1e30, np.float32)           # squares overflow float32, not the norm
+  np.testing.assert_allclose(gf.delta_norms([big], np.float32)[0], [[2e30]], rtol=1e-6)
+  assert gf.fit_rate(norms[0], np.arange(60) == 3) is None    # one measurable step: no rate
+
+  cfg = gf.Config(T=60, hidden=(4,), radii=(3.0,), activations=("identity",), dtype="float32")
+  metrics, _ = gf.run(cfg)
+  row, = metrics["rates"]
+  assert 2 <= row["fitted_steps"] < 60
+  np.testing.assert_allclose(row["fitted_rate"], np.log(3.0), atol=1e-4)
+
+
+def test_results_are_strict_json(tmp_path):
+  """NaN and infinity (a diverged run, an overflowed norm) are written as null: strict JSON."""
+  from _common import write_json
+
+  def strict(token):
+    raise AssertionError(f"invalid JSON token {token}")
+  write_json(tmp_path / "m.json", dict(a=float("nan"), b=[1.0, -np.inf], c=np.array([2.0, np.nan]),
+                                       d=np.float32(2.5), e=(np.int64(3), "x", None, True)))
+  saved = json.loads((tmp_path / "m.json").read_text(), parse_constant=strict)
+  assert saved == dict(a=None, b=[1.0, None], c=[2.0, None], d=2.5, e=[3, "x", None, True])
+
+
+def test_counting_reports_a_run_whose_every_step_overflowed(tmp_path, capsys):
+  """From (50, 50) the gradient overflows float32 at once, so every step is skipped: the
+  metrics say so (final loss None, targets missed) instead of failing on an empty list."""
+  metrics = _run("counting", tmp_path, "--smoke", "--start", "(50.0, 50.0)", "--steps", "2",
+                 "--dtype", "float32")
+  assert metrics["final_loss"] == dict(rprop=None, adam=None, sgd=None)
+  assert metrics["skipped_steps"] == dict(rprop=2, adam=2, sgd=2)
+  assert not any(metrics["targets"].values())
+  assert "loss not finite at any step" in capsys.readouterr().out
 
 
 def test_run_all_names_an_unknown_experiment(capsys):
