@@ -75,6 +75,8 @@ class Config:
     check_config(self, positive=("T", "B", "D", "H", "layers", "calls", "top"),
                  non_negative=("tau_max", "tau_b", "checkpoint_every"),
                  choices=dict(method=METHODS))
+    if self.tau_max and self.tau_b and self.tau_max < self.tau_b:
+      raise ValueError(f"--tau_max must be >= --tau_b; got {self.tau_max} < {self.tau_b}.")
     if self.checkpoint_every and self.method != "bptt":
       raise ValueError("--checkpoint_every is an option of method 'bptt'; "
                        f"got method {self.method!r}.")
@@ -210,7 +212,10 @@ def markdown(result: Dict, top: int) -> str:
                  f"| {r['runs_per_call']:.0f} | {r['us_per_run']:.1f} | {r['ms_per_call']:.2f} "
                  f"| {100 * r['share_of_call']:.1f}% |")
   lines += ["", f"Unattributed: {result['unattributed_ms']:.2f} ms per call (the wall time "
-            "less the events of every operation but `while*` and `SlinkyThreadPool::Await`). "
+            "less the events of every operation but `while*` and `SlinkyThreadPool::Await`"
+            + ("; below zero: the traced calls' events add up to more than the untraced "
+               "call's wall time, from the tracer's own cost or operations overlapping on "
+               "several threads" if result["unattributed_ms"] < 0 else "") + "). "
             "`while*` events contain their body's operations where the loop ran on one "
             "thread, and `SlinkyThreadPool::Await` lies inside a product: their shares overlap "
             "the others'. `dot_general*` run in Eigen after their event ends "

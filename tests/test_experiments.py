@@ -146,6 +146,7 @@ def test_full_config_meets_its_targets(name, full_runs):
     ("bench", ["--precision", "tf32"], "--precision must be one of ('default', 'float32')"),
     ("bench", ["--points", "(9,)"], "--points must be distinct row indices in [0, 9) of the grid"),
     ("profile_ops", ["--calls", "0"], "--calls must be > 0"),
+    ("profile_ops", ["--tau_max", "2", "--tau_b", "3"], "--tau_max must be >= --tau_b; got 2 < 3"),
 ])
 def test_bad_overrides_are_usage_errors(name, args, words, capsys):
   """A bad --option stops the script before it runs, with argparse's usage error (exit 2)."""
