@@ -206,6 +206,9 @@ def run(cfg: Config, out=None):
       start, history, samples = rec["step"], rec["history"], rec["samples"]
       running, seconds_before = rec["running"], rec["seconds"]
       print(f"resumed from update {start}")
+    elif any(ckpt.glob("ckpt_*.npz")):  # this run's checkpoints would rank below them
+      raise ValueError(f"--resume: none of the checkpoints in {ckpt} fits this config (the "
+                       f"warnings say why); run without --resume to start over there.")
   elif ckpt is not None and ckpt.exists():
     for old in ckpt.glob("ckpt_*"):
       old.unlink()

@@ -117,6 +117,42 @@ def test_fit_resumes_bitwise(tmp_path):
   assert resumed.history == full.history
 
 
+def test_fit_never_mixes_its_checkpoints_with_another_runs(tmp_path):
+  """Checkpoints rotate by step number, so an earlier run's at higher steps outrank a new
+  run's: before, a fresh fit (resume=False, or resume=True with a state the files do not
+  fit) had each of its checkpoints deleted as the oldest, and a later resume continued the
+  earlier run. Now fit refuses before any step, naming the files, and touches nothing."""
+  params, xs, targets = make_problem(1, T=6, B=2, hidden=(4,))
+  opt = optax.sgd(0.1)
+  step = jaxrnn.make_train_step(opt)
+  batches = lambda i: dict(xs=xs, targets=targets)
+  jaxrnn.fit(step, params, opt.init(params), batches, 30, progress=False,
+             checkpoint_dir=tmp_path, checkpoint_every=10)
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  assert sorted(before) == ["ckpt_000000010.npz", "ckpt_000000020.npz", "ckpt_000000030.npz"]
+  steps_run = []
+  counting = lambda i: steps_run.append(i) or batches(i)
+  with pytest.raises(ValueError, match=r"it holds an earlier run's checkpoints and resume=False: "
+                                       r"ckpt_000000010.npz, ckpt_000000020.npz, "
+                                       r"ckpt_000000030.npz\. .* resume=True"):
+    jaxrnn.fit(step, params, opt.init(params), counting, 10, progress=False,
+               checkpoint_dir=tmp_path, checkpoint_every=5, resume=False)
+  other = make_problem(1, T=6, B=2, hidden=(5,))[0]
+  with pytest.warns(RuntimeWarning, match="the state expects") as warned, \
+      pytest.raises(ValueError, match="none of its checkpoints fits this training state"):
+    jaxrnn.fit(step, other, opt.init(other), counting, 10, progress=False,
+               checkpoint_dir=tmp_path, checkpoint_every=5)
+  assert len(warned) == 3 and "It was the oldest one." in str(warned[-1].message)
+  assert steps_run == [] and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+  # what still works: resuming the run (done: nothing to do), a fresh run in a new folder
+  done = jaxrnn.fit(step, params, opt.init(params), counting, 30, progress=False,
+                    checkpoint_dir=tmp_path, checkpoint_every=10)
+  assert steps_run == [] and done.history["step"][-1] == 29
+  jaxrnn.fit(step, params, opt.init(params), counting, 2, progress=False,
+             checkpoint_dir=tmp_path / "new", resume=False)
+  assert steps_run == [0, 1]
+
+
 def _sine(out, *extra):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
   # On a GPU two processes can pick different matrix-product kernels (autotuning)
@@ -178,3 +214,7 @@ def test_streaming_charlm_resumes_bitwise(tmp_path):
     m.pop("config")
     m.pop("train_seconds")
   assert full == resumed
+  # another model's checkpoints are never trained on top of (they would outrank the new ones)
+  with pytest.warns(RuntimeWarning, match="the state expects"), \
+      pytest.raises(ValueError, match="--resume: none of the checkpoints in .* fits this config"):
+    charlm.main(args + ["--resume", "true", "--hidden", "8", "--out", str(tmp_path / "b")])

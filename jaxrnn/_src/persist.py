@@ -83,6 +83,32 @@ def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> 
   return path
 
 
+def start_from(directory, template, resume: bool) -> Optional[Tuple[Any, Dict[str, Any]]]:
+  """Where a run that checkpoints into ``directory`` starts: ``(state, record)`` or None (fresh).
+
+  A fresh run must find no checkpoints there. Checkpoints are rotated by step
+  number, so an earlier run's at higher steps would outrank this run's: each
+  new one would be deleted as the oldest, and a later resume would continue
+  the earlier run. So this raises a ValueError (naming the files) when
+  ``resume`` is False and checkpoints exist, or when it is True and none of
+  them fits ``template`` (each one's reason is in a warning).
+  """
+  found = load_latest(directory, template) if resume else None
+  if found is not None:
+    return found
+  existing = [p.name for p in _checkpoints(pathlib.Path(directory))]
+  if existing:
+    shown = ", ".join(existing[-3:]) + (f" and {len(existing) - 3} more" if len(existing) > 3
+                                        else "")
+    why = ("none of its checkpoints fits this training state (the warnings say why for each)"
+           if resume else "it holds an earlier run's checkpoints and resume=False")
+    raise ValueError(f"checkpoint_dir {str(directory)!r}: {why}: {shown}. This run's "
+                     f"checkpoints would be mixed with them (the highest step wins on resume). "
+                     f"Delete them or choose another folder"
+                     f"{'' if resume else ', or continue that run with resume=True'}.")
+  return None
+
+
 def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
   """``(state, record)`` of the newest intact checkpoint, or None if there is none.
 
@@ -91,7 +117,8 @@ def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
   """
   directory = pathlib.Path(directory)
   leaves, treedef = jax.tree.flatten(template)
-  for path in reversed(_checkpoints(directory)):
+  paths = _checkpoints(directory)
+  for n, path in reversed(list(enumerate(paths))):
     try:
       # The file is opened here: np.load leaves it open when the zip is unreadable.
       with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
@@ -111,6 +138,7 @@ def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
                            f"{np.asarray(t).dtype}{list(np.shape(t))}")
       return treedef.unflatten([jax.numpy.asarray(a) for a in arrays]), record
     except Exception as e:  # noqa: BLE001 - any unreadable file means: try the previous one
-      warnings.warn(f"skipping checkpoint {path}: {type(e).__name__}: {e}. "
-                    f"Falling back to the previous checkpoint.", RuntimeWarning, stacklevel=2)
+      then = "Falling back to the previous checkpoint." if n else "It was the oldest one."
+      warnings.warn(f"skipping checkpoint {path}: {type(e).__name__}: {e}. {then}",
+                    RuntimeWarning, stacklevel=2)
   return None

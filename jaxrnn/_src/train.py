@@ -144,15 +144,19 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
     resume: with a ``checkpoint_dir``, continue from its newest intact
       checkpoint (a corrupted newest one is skipped with a warning). The
       resumed run is bitwise identical to an uninterrupted one, since step
-      ``i`` depends only on the state and on ``batches(i)``.
+      ``i`` depends only on the state and on ``batches(i)``. A run that does
+      not resume (``resume=False``, or an empty folder) starts fresh.
 
   Returns:
     ``FitResult(params, opt_state, history, skipped)``.
 
   Raises:
     ValueError: ``num_steps`` is not an int >= 0, or ``log_every``,
-      ``checkpoint_every`` or ``max_consecutive_skips`` is not an int >= 1
-      (checked before any step runs).
+      ``checkpoint_every`` or ``max_consecutive_skips`` is not an int >= 1;
+      or ``checkpoint_dir`` holds checkpoints that this run would mix its
+      own with: with ``resume=False`` any, with ``resume=True`` only ones
+      that do not fit ``(params, opt_state)`` (all checked before any step
+      runs).
     TypeError: ``step`` or ``batches`` is not callable.
     NonFiniteError: ``max_consecutive_skips`` steps in a row were skipped.
   """
@@ -165,8 +169,8 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
     checks.check_int_option(name, value, allow_none=False)
   history = {"step": [], "loss": [], "grad_norm": []}
   skipped = consecutive = start = 0
-  if checkpoint_dir is not None and resume:
-    found = persist.load_latest(checkpoint_dir, (params, opt_state))
+  if checkpoint_dir is not None:
+    found = persist.start_from(checkpoint_dir, (params, opt_state), resume)
     if found is not None:
       (params, opt_state), record = found
       start, history = record["step"], record["history"]
