@@ -205,6 +205,9 @@ def run(cfg: Config, out=None):
       (params, opt_state, state), rec = found
       start, history, samples = rec["step"], rec["history"], rec["samples"]
       running, seconds_before = rec["running"], rec["seconds"]
+      if start > cfg.steps:
+        raise ValueError(f"--resume: the checkpoint in {ckpt} is at update {start}, past "
+                         f"--steps {cfg.steps}; ask for at least {start}.")
       print(f"resumed from update {start}")
     elif any(ckpt.glob("ckpt_*.npz")):  # this run's checkpoints would rank below them
       raise ValueError(f"--resume: none of the checkpoints in {ckpt} fits this config (the "

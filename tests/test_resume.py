@@ -148,6 +148,10 @@ def test_fit_never_mixes_its_checkpoints_with_another_runs(tmp_path):
   done = jaxrnn.fit(step, params, opt.init(params), counting, 30, progress=False,
                     checkpoint_dir=tmp_path, checkpoint_every=10)
   assert steps_run == [] and done.history["step"][-1] == 29
+  with pytest.raises(ValueError, match=r"newest usable checkpoint is at step 30, past "
+                                       r"num_steps=20\. Ask for at least 30 steps"):
+    jaxrnn.fit(step, params, opt.init(params), counting, 20, progress=False,
+               checkpoint_dir=tmp_path)                 # was: the 30-step state, silently
   jaxrnn.fit(step, params, opt.init(params), counting, 2, progress=False,
              checkpoint_dir=tmp_path / "new", resume=False)
   assert steps_run == [0, 1]
@@ -218,3 +222,6 @@ def test_streaming_charlm_resumes_bitwise(tmp_path):
   with pytest.warns(RuntimeWarning, match="the state expects"), \
       pytest.raises(ValueError, match="--resume: none of the checkpoints in .* fits this config"):
     charlm.main(args + ["--resume", "true", "--hidden", "8", "--out", str(tmp_path / "b")])
+  with pytest.raises(ValueError, match=r"--resume: the checkpoint in .* is at update 12, past "
+                                       r"--steps 6; ask for at least 12"):
+    charlm.main(args + ["--resume", "true", "--steps", "6", "--out", str(tmp_path / "b")])

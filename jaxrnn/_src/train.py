@@ -155,8 +155,8 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
       ``checkpoint_every`` or ``max_consecutive_skips`` is not an int >= 1;
       or ``checkpoint_dir`` holds checkpoints that this run would mix its
       own with: with ``resume=False`` any, with ``resume=True`` only ones
-      that do not fit ``(params, opt_state)`` (all checked before any step
-      runs).
+      that do not fit ``(params, opt_state)``; or the checkpoint to resume
+      from is past ``num_steps`` (all checked before any step runs).
     TypeError: ``step`` or ``batches`` is not callable.
     NonFiniteError: ``max_consecutive_skips`` steps in a row were skipped.
   """
@@ -173,6 +173,10 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
     found = persist.start_from(checkpoint_dir, (params, opt_state), resume)
     if found is not None:
       (params, opt_state), record = found
+      if record["step"] > num_steps:  # its state has had more steps than this run asks for
+        raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r}: its newest usable checkpoint "
+                         f"is at step {record['step']}, past num_steps={num_steps}. Ask for at "
+                         f"least {record['step']} steps, or start over elsewhere.")
       start, history = record["step"], record["history"]
       skipped, consecutive = record["skipped"], record["consecutive"]
 
