@@ -124,6 +124,13 @@ def test_bad_train_options(kw, words):
     (dict(checkpoint_every=0), ValueError, ["checkpoint_every", ">= 1", "0"]),
     (dict(max_consecutive_skips=True), ValueError, ["max_consecutive_skips", "True"]),
     (dict(batches=[{}]), TypeError, ["batches", "callable", "list"]),
+    # a batch that the step cannot take: named as batches(0), not as Python's step() error
+    (dict(batches=lambda i: None), TypeError, ["batches(0) must return a dict", "NoneType"]),
+    (dict(batches=lambda i: dict(xs=1.0)), TypeError,
+     ["batches(0) returned keys ['xs']: missing ['targets']", "optionally ['h0', 'lengths', "
+      "'loss_weights', 'resets']"]),
+    (dict(batches=lambda i: dict(xs=1.0, targets=1.0, loss_weight=1.0)), TypeError,
+     ["batches(0) returned keys", "unknown ['loss_weight']"]),
 ])
 def test_bad_fit_options(kw, exc, words, tmp_path):
   params, xs, y = make_problem(0, T=3, B=1)

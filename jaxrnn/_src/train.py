@@ -6,7 +6,9 @@ stops with :class:`NonFiniteError` after too many in a row. Nothing silently
 turns the parameters into NaN.
 """
 
+import collections.abc
 import functools
+import inspect
 import numbers
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
@@ -105,6 +107,42 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
   return step
 
 
+def _batch_reader(step: Callable, batches: Callable) -> Callable[[int], Dict[str, Any]]:
+  """``i -> batches(i)``, checked against the arguments ``step`` takes after the state.
+
+  A batch that is not a mapping, lacks a required argument or has one the
+  step does not take gets a TypeError that names ``batches(i)``, the key and
+  the step's arguments, instead of Python's error about ``step()``.
+  """
+  try:
+    params = list(inspect.signature(step).parameters.values())[2:]   # after params, opt_state
+  except (TypeError, ValueError):  # no signature to read: leave the checks to the call
+    params = None
+  kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+  if params is None or any(p.kind not in kinds for p in params):
+    params = None
+  else:
+    names = [p.name for p in params]
+    required = [p.name for p in params if p.default is inspect.Parameter.empty]
+
+  def read(i):
+    batch = batches(i)
+    if not isinstance(batch, collections.abc.Mapping):
+      raise TypeError(f"batches({i}) must return a dict of the step's arguments; got "
+                      f"{type(batch).__name__}.")
+    if params is not None:
+      missing = [k for k in required if k not in batch]
+      unknown = [k for k in batch if k not in names]
+      if missing or unknown:
+        what = "; ".join(([f"missing {missing}"] if missing else [])
+                         + ([f"unknown {unknown}"] if unknown else []))
+        raise TypeError(f"batches({i}) returned keys {list(batch)}: {what}. The step takes "
+                        f"{required} and optionally "
+                        f"{[k for k in names if k not in required]}.")
+    return batch
+  return read
+
+
 class FitResult(NamedTuple):
   """What :func:`fit` returns: the final state, logged metrics and the skip count."""
   params: Any
@@ -157,7 +195,8 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
       own with: with ``resume=False`` any, with ``resume=True`` only ones
       that do not fit ``(params, opt_state)``; or the checkpoint to resume
       from is past ``num_steps`` (all checked before any step runs).
-    TypeError: ``step`` or ``batches`` is not callable.
+    TypeError: ``step`` or ``batches`` is not callable, or ``batches(i)`` is
+      not a dict of the step's arguments (a missing or unknown key is named).
     NonFiniteError: ``max_consecutive_skips`` steps in a row were skipped.
   """
   for name, fn in (("step", step), ("batches", batches)):
@@ -167,6 +206,7 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
   for name, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
                       ("max_consecutive_skips", max_consecutive_skips)):
     checks.check_int_option(name, value, allow_none=False)
+  read_batch = _batch_reader(step, batches)
   history = {"step": [], "loss": [], "grad_norm": []}
   skipped = consecutive = start = 0
   if checkpoint_dir is not None:
@@ -213,7 +253,7 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
   pending = None
   for i in bar:
     try:
-      dispatched = (i,) + tuple(step(params, opt_state, **batches(i)))
+      dispatched = (i,) + tuple(step(params, opt_state, **read_batch(i)))
     except BaseException:
       if pending is not None:   # an interrupted batch still keeps the step before it
         settle(*pending)
