@@ -114,23 +114,22 @@ def _batch_reader(step: Callable, batches: Callable) -> Callable[[int], Dict[str
   step does not take gets a TypeError that names ``batches(i)``, the key and
   the step's arguments, instead of Python's error about ``step()``.
   """
+  names = required = None          # None: nothing to check the keys against
   try:
-    params = list(inspect.signature(step).parameters.values())[2:]   # after params, opt_state
+    rest = list(inspect.signature(step).parameters.values())[2:]   # after params, opt_state
   except (TypeError, ValueError):  # no signature to read: leave the checks to the call
-    params = None
-  kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-  if params is None or any(p.kind not in kinds for p in params):
-    params = None
-  else:
-    names = [p.name for p in params]
-    required = [p.name for p in params if p.default is inspect.Parameter.empty]
+    rest = []
+  plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+  if rest and all(p.kind in plain for p in rest):     # no *args or **kwargs
+    names = [p.name for p in rest]
+    required = [p.name for p in rest if p.default is inspect.Parameter.empty]
 
   def read(i):
     batch = batches(i)
     if not isinstance(batch, collections.abc.Mapping):
       raise TypeError(f"batches({i}) must return a dict of the step's arguments; got "
                       f"{type(batch).__name__}.")
-    if params is not None:
+    if names is not None:
       missing = [k for k in required if k not in batch]
       unknown = [k for k in batch if k not in names]
       if missing or unknown:
