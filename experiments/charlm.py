@@ -199,22 +199,17 @@ def run(cfg: Config, out=None):
   # Checkpoints hold the params, the optimizer state and the stream's carried state; the
   # stream position is the update count (chunk i % n_chunks), the sample keys derive from it.
   ckpt = None if out is None else out / "checkpoints"
-  if ckpt is not None and cfg.resume:
-    found = jaxrnn.load_latest_checkpoint(ckpt, (params, opt_state, state))
-    if found is not None:
-      (params, opt_state, state), rec = found
-      start, history, samples = rec["step"], rec["history"], rec["samples"]
-      running, seconds_before = rec["running"], rec["seconds"]
-      if start > cfg.steps:
-        raise ValueError(f"--resume: the checkpoint in {ckpt} is at update {start}, past "
-                         f"--steps {cfg.steps}; ask for at least {start}.")
-      print(f"resumed from update {start}")
-    elif any(ckpt.glob("ckpt_*.npz")):  # this run's checkpoints would rank below them
-      raise ValueError(f"--resume: none of the checkpoints in {ckpt} fits this config (the "
-                       f"warnings say why); run without --resume to start over there.")
-  elif ckpt is not None and ckpt.exists():
+  if ckpt is not None and not cfg.resume and ckpt.exists():   # a fresh run starts over there
     for old in ckpt.glob("ckpt_*"):
       old.unlink()
+  # refuses checkpoints that do not fit this config, or past --steps
+  found = None if ckpt is None else jaxrnn.start_from_checkpoint(
+      ckpt, (params, opt_state, state), resume=cfg.resume, num_steps=cfg.steps)
+  if found is not None:
+    (params, opt_state, state), rec = found
+    start, history, samples = rec["step"], rec["history"], rec["samples"]
+    running, seconds_before = rec["running"], rec["seconds"]
+    print(f"resumed from update {start}")
   from tqdm.auto import tqdm
   t0 = time.perf_counter()
   for i in tqdm(range(start, cfg.steps), desc="charlm", disable=None, initial=start,

@@ -7,6 +7,7 @@ from jaxrnn._src.checks import validate_inputs
 from jaxrnn._src.params import LayerParams, Readout, RNNParams, init_params
 from jaxrnn._src.persist import load_latest as load_latest_checkpoint
 from jaxrnn._src.persist import save as save_checkpoint
+from jaxrnn._src.persist import start_from as start_from_checkpoint
 from jaxrnn._src.rnn import elman_step, forward, loss
 from jaxrnn._src.train import FitResult, NonFiniteError, StepMetrics, fit, make_train_step
 from jaxrnn._src.stream import StreamState, TBPTTStream, make_tbptt_stream
@@ -35,5 +36,6 @@ __all__ = (
     "make_tbptt_stream",
     "make_train_step",
     "save_checkpoint",
+    "start_from_checkpoint",
     "validate_inputs",
 )

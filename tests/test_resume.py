@@ -220,8 +220,9 @@ def test_streaming_charlm_resumes_bitwise(tmp_path):
   assert full == resumed
   # another model's checkpoints are never trained on top of (they would outrank the new ones)
   with pytest.warns(RuntimeWarning, match="the state expects"), \
-      pytest.raises(ValueError, match="--resume: none of the checkpoints in .* fits this config"):
+      pytest.raises(ValueError, match="checkpoints.*: none of its checkpoints fits this "
+                                      "training state"):
     charlm.main(args + ["--resume", "true", "--hidden", "8", "--out", str(tmp_path / "b")])
-  with pytest.raises(ValueError, match=r"--resume: the checkpoint in .* is at update 12, past "
-                                       r"--steps 6; ask for at least 12"):
+  with pytest.raises(ValueError, match=r"checkpoints.*: its newest usable checkpoint is at "
+                                       r"step 12, past num_steps=6"):
     charlm.main(args + ["--resume", "true", "--steps", "6", "--out", str(tmp_path / "b")])

@@ -83,18 +83,38 @@ def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> 
   return path
 
 
-def start_from(directory, template, resume: bool) -> Optional[Tuple[Any, Dict[str, Any]]]:
-  """Where a run that checkpoints into ``directory`` starts: ``(state, record)`` or None (fresh).
+def start_from(directory, template, *, resume: bool = True,
+               num_steps: Optional[int] = None) -> Optional[Tuple[Any, Dict[str, Any]]]:
+  """Where a training loop that checkpoints into ``directory`` starts.
 
-  A fresh run must find no checkpoints there. Checkpoints are rotated by step
-  number, so an earlier run's at higher steps would outrank this run's: each
-  new one would be deleted as the oldest, and a later resume would continue
-  the earlier run. So this raises a ValueError (naming the files) when
-  ``resume`` is False and checkpoints exist, or when it is True and none of
-  them fits ``template`` (each one's reason is in a warning).
+  What :func:`jaxrnn.fit` calls; a loop of your own (a stream, say) calls it
+  before its first step and then :func:`save` as it goes.
+
+  Args:
+    directory: the loop's checkpoint folder (it need not exist).
+    template: a pytree like the saved state (for example the fresh one).
+    resume: continue from the newest checkpoint that fits ``template``.
+    num_steps: the steps the loop will run in all, if known.
+
+  Returns:
+    ``(state, record)`` to continue from, or None: start fresh.
+
+  Raises:
+    ValueError: naming the files, when the loop would mix its checkpoints
+      with an earlier run's: ``resume`` is False and checkpoints exist, or it
+      is True and none of them fits ``template`` (each one's reason is in a
+      warning). Checkpoints are kept by step number, so an earlier run's at
+      higher steps would outrank this run's: each new one would be deleted
+      as the oldest, and a later resume would continue the earlier run.
+      Also when the checkpoint to resume is past ``num_steps``.
   """
   found = load_latest(directory, template) if resume else None
   if found is not None:
+    step = found[1]["step"]
+    if num_steps is not None and step > num_steps:  # more steps than this run asks for
+      raise ValueError(f"checkpoint_dir {str(directory)!r}: its newest usable checkpoint is at "
+                       f"step {step}, past num_steps={num_steps}. Ask for at least {step} "
+                       f"steps, or start over elsewhere.")
     return found
   existing = [p.name for p in _checkpoints(pathlib.Path(directory))]
   if existing:

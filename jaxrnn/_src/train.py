@@ -209,13 +209,10 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
   history = {"step": [], "loss": [], "grad_norm": []}
   skipped = consecutive = start = 0
   if checkpoint_dir is not None:
-    found = persist.start_from(checkpoint_dir, (params, opt_state), resume)
+    found = persist.start_from(checkpoint_dir, (params, opt_state), resume=resume,
+                               num_steps=num_steps)
     if found is not None:
       (params, opt_state), record = found
-      if record["step"] > num_steps:  # its state has had more steps than this run asks for
-        raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r}: its newest usable checkpoint "
-                         f"is at step {record['step']}, past num_steps={num_steps}. Ask for at "
-                         f"least {record['step']} steps, or start over elsewhere.")
       start, history = record["step"], record["history"]
       skipped, consecutive = record["skipped"], record["consecutive"]
 
