@@ -40,6 +40,32 @@ def test_bad_input_under_jit_raises_at_trace_time():
     f.lower(jax.ShapeDtypeStruct((4, 2, 7), jnp.float64))
 
 
+@pytest.mark.parametrize("fn,option,value", [
+    (jaxrnn.bptt, "tau_max", 2), (jaxrnn.bptt, "tau_b", 1), (jaxrnn.bptt, "unroll", 2),
+    (jaxrnn.bptt, "checkpoint_every", 2), (jaxrnn.bptt, "fused", False),
+    (jaxrnn.bptt, "return_dh0", True), (jaxrnn.autodiff_bptt, "return_dh0", True),
+    (jaxrnn.autodiff_bptt, "tau_max", 2),
+    (jaxrnn.loss, "many_to_one", False), (jaxrnn.backward_deltas, "tau_max", 2),
+])
+def test_a_static_option_passed_through_jit_says_how_to_mark_it_static(fn, option, value):
+  # jax.jit traces every keyword argument unless it is named static.
+  with pytest.raises(TypeError) as info:
+    jax.jit(fn)(P, XS, Y, **{option: value})
+  for w in (option, "static option", "traced", f"static_argnames=({option!r},)"):
+    assert w in str(info.value), (w, str(info.value))
+  jax.jit(fn, static_argnames=option)(P, XS, Y, **{option: value})  # the remedy works
+
+
+@pytest.mark.parametrize("fn", [jaxrnn.bptt, jaxrnn.autodiff_bptt])
+def test_return_dh0_must_be_a_bool(fn):
+  # It picks the number of results: a truthy string must not pass for True.
+  with pytest.raises(TypeError, match=r"return_dh0 must be a bool; got 'yes' \(str\)"):
+    fn(P, XS, Y, return_dh0="yes")
+  with pytest.raises(TypeError, match="return_dh0 must be a bool; got None"):
+    jaxrnn.validate_inputs(P, XS, Y, return_dh0=None)
+  assert len(fn(P, XS, Y, return_dh0=np.bool_(True))) == 3
+
+
 @pytest.mark.parametrize("kwargs,words", [
     (dict(hidden_sizes=()), ["hidden_sizes", "()"]),
     (dict(hidden_sizes=(4, 0)), ["hidden_sizes[1]", "0"]),

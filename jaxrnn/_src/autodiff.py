@@ -67,6 +67,7 @@ def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None
   window's start (see :mod:`jaxrnn._src.windows`).
   """
   tau_max, tau_b = checks.static_options(xs, loss, many_to_one, tau_max, tau_b)
+  return_dh0 = checks.check_bool("return_dh0", return_dh0)
   return _autodiff_bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                         tau_max=tau_max, tau_b=tau_b, lengths=lengths,
                         loss_weights=loss_weights, resets=resets, return_dh0=return_dh0)

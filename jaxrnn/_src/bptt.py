@@ -562,6 +562,7 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
     >>> value, grads = jaxrnn.bptt(params, xs, ys, loss="mse")
   """
   tau_max, tau_b = checks.static_options(xs, loss, many_to_one, tau_max, tau_b)
+  return_dh0 = checks.check_bool("return_dh0", return_dh0)
   checkpoint_every = checks.check_int_option("checkpoint_every", checkpoint_every)
   plan = LoopPlan(unroll=default_unroll(checks.check_int_option("unroll", unroll)),
                   fused=checks.check_optional_bool("fused", fused))

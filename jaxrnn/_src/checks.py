@@ -117,9 +117,21 @@ def output_size(params) -> int:
   return _shape(params.readout.W_hy)[1]
 
 
+def _refuse_traced(name: str, value) -> None:
+  """A static option that arrives as a tracer was passed through ``jax.jit`` as an
+  ordinary argument: say so, and how to mark it static."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{name} is a static option (it fixes the program's structure at trace time) but "
+        f"got a traced value, {value}: it was passed through jax.jit as an array argument. "
+        f"Mark it static, e.g. jax.jit(f, static_argnames=({name!r},)), or fix it with "
+        f"functools.partial before jitting.")
+
+
 def check_int_option(name: str, value, *, allow_none: bool = True,
                      minimum: int = 1) -> Optional[int]:
   """Checks a static integer option such as ``tau_max`` (at least ``minimum``)."""
+  _refuse_traced(name, value)
   if value is None and allow_none:
     return None
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -131,8 +143,17 @@ def check_int_option(name: str, value, *, allow_none: bool = True,
   return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+  """Checks a static option that is True or False."""
+  _refuse_traced(name, value)
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool; got {value!r} ({type(value).__name__}).")
+  return bool(value)
+
+
 def check_optional_bool(name: str, value) -> Optional[bool]:
   """Checks a static option that is None, True or False."""
+  _refuse_traced(name, value)
   if value is None or isinstance(value, (bool, np.bool_)):
     return None if value is None else bool(value)
   raise ValueError(f"{name} must be None, True or False; got {value!r} ({type(value).__name__}).")
@@ -194,8 +215,7 @@ def check_static_options(loss, many_to_one) -> None:
   otherwise fail inside ``jax.jit`` without naming the argument)."""
   if not isinstance(loss, str) or loss not in LOSSES:
     raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}.")
-  if not isinstance(many_to_one, (bool, np.bool_)):
-    raise TypeError(f"many_to_one must be a bool; got {many_to_one!r}.")
+  check_bool("many_to_one", many_to_one)
 
 
 class Inputs(NamedTuple):
@@ -370,7 +390,7 @@ def validate_inputs(params, xs, targets=None, **options) -> None:
   check_int_option("checkpoint_every", static.get("checkpoint_every"))
   check_int_option("unroll", static.get("unroll"))
   check_optional_bool("fused", static.get("fused"))
-  check_optional_bool("return_dh0", static.get("return_dh0"))
+  check_bool("return_dh0", static.get("return_dh0", False))
   prepared = prepare(params, xs, targets, **options)
   T = np.shape(xs)[0]
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
