@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -67,6 +68,20 @@ def test_checkpoints_are_ordered_by_step_number_and_keep_is_checked(tmp_path):
       persist.save(tmp_path, **dict(dict(step=5, state=template, record={}), **kw))
     assert all(w in str(info.value) for w in words), str(info.value)
   assert len(list(tmp_path.iterdir())) == 3  # nothing written, nothing deleted
+
+
+def test_checkpoint_folder_and_record_errors_name_them(tmp_path):
+  state = (jnp.ones(2),)
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  for call in (lambda: jaxrnn.save_checkpoint(a_file, 1, state, {}),
+               lambda: jaxrnn.load_latest_checkpoint(a_file, state),
+               lambda: jaxrnn.start_from_checkpoint(a_file, state)):
+    with pytest.raises(NotADirectoryError, match="'.*a_file' is a file, not a folder"):
+      call()
+  with pytest.raises(TypeError, match="record must be JSON-serialisable"):
+    jaxrnn.save_checkpoint(tmp_path / "run", 1, state, {"when": object()})
+  assert not (tmp_path / "run").exists()   # refused before anything was written
 
 
 def test_bfloat16_state_round_trips(tmp_path):

@@ -1,5 +1,7 @@
 """Train step and fit loop: method equivalence, clipping, non-finite safety, determinism."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,13 +110,42 @@ def test_fit_is_deterministic():
     (dict(unroll=2.0), ["unroll", "int", "2.0"]),
     (dict(fused="yes"), ["fused", "'yes'"]),
     (dict(method="autodiff", checkpoint_every=4, unroll=2),
-     ["checkpoint_every, unroll only apply to method='manual'", "checkpoint_every=4", "unroll=2"]),
+     ["checkpoint_every, unroll apply only to method='manual'", "checkpoint_every=4", "unroll=2"]),
 ])
 def test_bad_train_options(kw, words):
   with pytest.raises(ValueError) as info:
     jaxrnn.make_train_step(optax.sgd(0.1), **kw)
   for w in words:
     assert w in str(info.value)
+
+
+@pytest.mark.parametrize("make", [jaxrnn.make_train_step,
+                                  lambda opt: jaxrnn.make_tbptt_stream(opt, tau_b=2)])
+def test_the_optimizer_must_be_an_optax_transformation(make):
+  with pytest.raises(TypeError, match=r"got function adam: .* Call it, as in optax.adam\(1e-3\)"):
+    make(optax.adam)
+  with pytest.raises(TypeError, match="must be an optax GradientTransformation .*got NoneType"):
+    make(None)
+
+
+def test_an_opt_state_of_another_optimizer_or_model_is_named():
+  # optax itself fails inside its update, naming neither argument: an AttributeError
+  # on a state field, or a broadcasting error between the two models' shapes.
+  params, xs, targets = make_problem(0, T=3, B=2, D=2, hidden=(4,), O=2)
+  other = make_problem(0, T=3, B=2, D=2, hidden=(5,), O=2)[0]
+  adam = optax.adam(0.1)
+  step = jaxrnn.make_train_step(adam)
+  stream = jaxrnn.make_tbptt_stream(adam, tau_b=3)
+  state = stream.init(params, 2)[1]
+  for call in (lambda o: step(params, o, xs, targets),
+               lambda o: stream.step(params, o, state, xs, targets)):
+    with pytest.raises(ValueError, match=r"opt_state does not have the structure of "
+                       r"optimizer.init\(params\): got .*EmptyState.*expected .*ScaleByAdam"):
+      call(optax.sgd(0.1).init(params))
+    with pytest.raises(ValueError, match=re.escape(
+        "opt_state[0].mu.layers[0].W_xh has shape (2, 5); optimizer.init(params) gives (2, 4)")):
+      call(adam.init(other))
+    call(adam.init(params))
 
 
 @pytest.mark.parametrize("kw,exc,words", [

@@ -31,6 +31,14 @@ _NAME = re.compile(r"ckpt_(\d+)\.npz")
 _FOREIGN = "_leaf_dtypes"   # record key: dtype names of leaves stored as raw bits
 
 
+def _folder(directory) -> pathlib.Path:
+  """``directory`` as a Path; a NotADirectoryError if something else has its name."""
+  path = pathlib.Path(directory)
+  if path.exists() and not path.is_dir():
+    raise NotADirectoryError(f"checkpoint directory {str(path)!r} is a file, not a folder.")
+  return path
+
+
 def _checkpoints(directory: pathlib.Path):
   """The checkpoint files in ``directory``, oldest step first (by number, not by name)."""
   steps = {p: int(m[1]) for p in directory.glob("ckpt_*.npz") if (m := _NAME.fullmatch(p.name))}
@@ -57,8 +65,7 @@ def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> 
   """
   step = checks.check_int_option("step", step, allow_none=False, minimum=0)
   keep = checks.check_int_option("keep", keep, allow_none=False)
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
+  directory = _folder(directory)
   arrays = [np.asarray(x) for x in jax.tree.leaves(state)]
   record = dict(record, step=step)
   # NumPy's format has no bfloat16 (or other ml_dtypes): such a leaf is stored
@@ -68,9 +75,14 @@ def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> 
     record[_FOREIGN] = foreign
     arrays = [a if name is None else a.view(f"u{a.dtype.itemsize}")
               for a, name in zip(arrays, foreign)]
-  record = json.dumps(record, sort_keys=True)
+  try:
+    record = json.dumps(record, sort_keys=True)
+  except TypeError as e:
+    raise TypeError(f"record must be JSON-serialisable (numbers, strings, lists, dicts): "
+                    f"{e}.") from e
   buf = io.BytesIO()
   np.savez(buf, *arrays, record=np.array(record), digest=np.array(_digest(arrays, record)))
+  directory.mkdir(parents=True, exist_ok=True)
   path = directory / PATTERN.format(step)
   tmp = path.with_suffix(".tmp")
   with open(tmp, "wb") as f:
@@ -116,7 +128,7 @@ def start_from(directory, template, *, resume: bool = True,
                        f"step {step}, past num_steps={num_steps}. Ask for at least {step} "
                        f"steps, or start over elsewhere.")
     return found
-  existing = [p.name for p in _checkpoints(pathlib.Path(directory))]
+  existing = [p.name for p in _checkpoints(_folder(directory))]
   if existing:
     shown = ", ".join(existing[-3:]) + (f" and {len(existing) - 3} more" if len(existing) > 3
                                         else "")
@@ -135,7 +147,7 @@ def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
   ``template`` is a pytree with the structure, shapes and dtypes of the saved
   state (for example the freshly initialised one).
   """
-  directory = pathlib.Path(directory)
+  directory = _folder(directory)
   leaves, treedef = jax.tree.flatten(template)
   paths = _checkpoints(directory)
   for n, path in reversed(list(enumerate(paths))):

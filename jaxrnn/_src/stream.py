@@ -27,6 +27,7 @@ from jaxrnn._src import checks, sharding
 from jaxrnn._src.autodiff import full_loss
 from jaxrnn._src.bptt import manual_bptt
 from jaxrnn._src.rnn import LoopPlan, default_unroll
+from jaxrnn._src.train import check_opt_state, check_optimizer
 
 METHODS = ("manual", "autodiff")
 
@@ -158,6 +159,7 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
     raise ValueError(f"loss must be one of {checks.LOSSES}; got {loss!r}.")
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+  check_optimizer(optimizer)
   P = tau_max - tau_b
 
   def init(params, batch_size: int, h0=None):
@@ -204,6 +206,7 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
   def step(params, opt_state, state, xs, targets, resets=None, loss_weights=None):
     xs, targets, resets, loss_weights = check_chunk(params, state, xs, targets, resets,
                                                     loss_weights)
+    check_opt_state(optimizer, params, opt_state)
     value, grads, state = window_grads(params, state, xs, targets, tau_b=tau_b,
                                        tau_max=tau_max, loss=loss, method=method,
                                        resets=resets, loss_weights=loss_weights)

@@ -36,6 +36,37 @@ class NonFiniteError(RuntimeError):
   """Raised by :func:`fit` after too many consecutive non-finite steps."""
 
 
+def check_optimizer(optimizer) -> None:
+  """``optimizer`` has optax's ``init`` and ``update`` (not, say, ``optax.adam`` itself)."""
+  if callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None)):
+    return
+  hint = ""
+  if callable(optimizer) and hasattr(optimizer, "__name__"):
+    hint = (f" {optimizer.__name__}: a function that makes one? Call it, as in "
+            f"optax.adam(1e-3)")
+  raise TypeError(f"optimizer must be an optax GradientTransformation (with init and "
+                  f"update); got {type(optimizer).__name__}{hint}.")
+
+
+def check_opt_state(optimizer, params, opt_state) -> None:
+  """At trace time: ``opt_state`` has the structure and shapes of ``optimizer.init(params)``.
+
+  Otherwise optax fails inside its update with an error that names neither
+  argument (an AttributeError on a state field, or a broadcasting error).
+  """
+  want, got = jax.eval_shape(optimizer.init, params), opt_state
+  (want_leaves, want_def), (got_leaves, got_def) = (
+      jax.tree_util.tree_flatten_with_path(t) for t in (want, got))
+  remedy = "Make it with optimizer.init(params) for this optimizer and these params."
+  if got_def != want_def:
+    raise ValueError(f"opt_state does not have the structure of optimizer.init(params): got "
+                     f"{str(got_def):.300}, expected {str(want_def):.300}. {remedy}")
+  for (path, g), (_, w) in zip(got_leaves, want_leaves):
+    if np.shape(g) != w.shape:
+      raise ValueError(f"opt_state{jax.tree_util.keystr(path)} has shape {np.shape(g)}; "
+                       f"optimizer.init(params) gives {w.shape}. {remedy}")
+
+
 def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "manual",
                     loss: str = "mse", many_to_one: bool = False,
                     tau_max: Optional[int] = None, tau_b: Optional[int] = None,
@@ -63,6 +94,7 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
     A step whose loss or gradient is not finite returns ``params`` and
     ``opt_state`` unchanged with ``metrics.skipped`` True.
   """
+  check_optimizer(optimizer)
   if method not in GRAD_METHODS:
     raise ValueError(f"method must be one of {GRAD_METHODS}; got {method!r}.")
   if loss not in checks.LOSSES:
@@ -82,7 +114,8 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
     checks.check_optional_bool("fused", fused)
     grad_fn = functools.partial(bptt, **manual_options)
   elif given:
-    raise ValueError(f"{', '.join(given)} only apply to method='manual'; got method={method!r} "
+    raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only "
+                     f"to method='manual'; got method={method!r} "
                      f"with {', '.join(f'{k}={manual_options[k]!r}' for k in given)}.")
   else:
     grad_fn = autodiff_bptt
@@ -93,6 +126,7 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
     value, grads = grad_fn(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                            tau_max=tau_max, tau_b=tau_b, lengths=lengths,
                            loss_weights=loss_weights, resets=resets)
+    check_opt_state(optimizer, params, opt_state)   # after grad_fn has checked params
     with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
       grad_norm = optax.tree_utils.tree_norm(grads)
       if clip is not None:
