@@ -105,6 +105,10 @@ def test_forward_bad_input():
     (lambda l: (l._replace(b_h=jnp.zeros(4)), jnp.zeros((2, 5)), jnp.zeros((2, 3))), ValueError,
      ["layer", "b_h [H]", "(4,)"]),
     (lambda l: (tuple(l), jnp.zeros((2, 5)), jnp.zeros((2, 3))), TypeError, ["layer", "tuple"]),
+    (lambda l: (l, jnp.zeros((2, 5)), jnp.zeros((2, 3), jnp.int32)), TypeError,
+     ["x must have a floating dtype", "int32"]),
+    (lambda l: (l, jnp.zeros((2, 5), bool), jnp.zeros((2, 3))), TypeError,
+     ["h must have a floating dtype", "bool"]),
 ])
 def test_elman_step_bad_input(args, exc, words):
   with pytest.raises(exc) as info:
@@ -113,6 +117,12 @@ def test_elman_step_bad_input(args, exc, words):
     assert w in str(info.value), (w, str(info.value))
   with pytest.raises(ValueError, match="activation"):
     jaxrnn.elman_step(P.layers[0], jnp.zeros((2, 5)), jnp.zeros((2, 3)), activation="gelu")
+
+
+def test_elman_step_casts_floating_inputs_to_the_layers_dtype():
+  # as bptt casts xs and h0; under strict promotion a float32 h met float64 weights
+  h, out = jaxrnn.elman_step(P.layers[0], jnp.zeros((2, 5), jnp.float32), [[1.0] * 3] * 2)
+  assert h.dtype == out.dtype == P.layers[0].W_hh.dtype == jnp.float64
 
 
 def _forward(params, xs, targets, *, loss_weights, **kw):

@@ -40,6 +40,7 @@ def elman_step(layer: LayerParams, h: jax.Array, x: jax.Array, *,
     h: [B, H] previous state h_{t-1}.
     x: [B, D] input x_t.
     activation: name of f.
+    (``h`` and ``x`` must be floating; they are cast to the layer's dtype.)
 
   Returns:
     ``(h_t, h_t)``: the new carry and the step's output, both [B, H].
@@ -61,6 +62,12 @@ def elman_step(layer: LayerParams, h: jax.Array, x: jax.Array, *,
     raise ValueError(f"h must have shape [B, H] with H = {H}; got {np.shape(h)}.")
   if np.shape(x) != (B, D):
     raise ValueError(f"x must have shape [B, D] = {(B, D)}; got {np.shape(x)}.")
+  h, x = checks.as_arrays(h=h, x=x)
+  for name, a in (("h", h), ("x", x)):   # floating, cast to the layer's dtype (as in bptt)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      raise TypeError(f"{name} must have a floating dtype; got {a.dtype}.")
+  dtype = jnp.result_type(layer.W_hh)
+  h, x = h.astype(dtype), x.astype(dtype)
   h_new = f(x @ layer.W_xh + h @ layer.W_hh + layer.b_h[None, :])
   return h_new, h_new
 
