@@ -53,6 +53,7 @@ def elman_step(layer: LayerParams, h: jax.Array, x: jax.Array, *,
   if not isinstance(layer, LayerParams):
     raise TypeError(f"layer must be a LayerParams (one of params.layers); "
                     f"got {type(layer).__name__}.")
+  h, x = checks.as_arrays(h=h, x=x)   # nested lists too (of tracers, under jit)
   D, H = np.shape(layer.W_xh)
   B = np.shape(h)[0] if np.ndim(h) == 2 else None
   if (np.shape(layer.W_hh), np.shape(layer.b_h)) != ((H, H), (H,)):
@@ -62,7 +63,6 @@ def elman_step(layer: LayerParams, h: jax.Array, x: jax.Array, *,
     raise ValueError(f"h must have shape [B, H] with H = {H}; got {np.shape(h)}.")
   if np.shape(x) != (B, D):
     raise ValueError(f"x must have shape [B, D] = {(B, D)}; got {np.shape(x)}.")
-  h, x = checks.as_arrays(h=h, x=x)
   for name, a in (("h", h), ("x", x)):   # floating, cast to the layer's dtype (as in bptt)
     if not jnp.issubdtype(a.dtype, jnp.floating):
       raise TypeError(f"{name} must have a floating dtype; got {a.dtype}.")
