@@ -151,3 +151,22 @@ def test_float16_loss_sums_in_float32(fn):
   exact = jaxrnn.loss(p32, xs, ys)
   assert value.dtype == jnp.float16 and 6.5e4 < float(exact) * B
   np.testing.assert_allclose(float(value), float(exact), rtol=2e-3)
+
+
+@pytest.mark.parametrize("bad", [-1, -100, 3, 100])
+def test_a_class_index_out_of_range_gives_nan_on_both_sides(bad):
+  # Indexing wrapped -1 to the last class: a finite, silently wrong loss (and the
+  # manual δo, built from one_hot, disagreed with autodiff there).
+  params, xs, _ = make_problem(0, T=5, B=2, D=2, hidden=(4,), O=3)
+  targets = jnp.zeros((5, 2), jnp.int32).at[2, 1].set(bad)
+  for fn in (jaxrnn.bptt, jaxrnn.autodiff_bptt):
+    value, grads = fn(params, xs, targets, loss="xent")
+    assert np.isnan(value)
+    for leaf in jax.tree.leaves(grads):
+      assert np.isnan(leaf).all(), fn.__name__
+  assert np.isnan(jaxrnn.loss(params, xs, targets, loss="xent"))
+  # A step given no weight is not scored, whatever its target holds.
+  weights = jnp.ones((5, 2)).at[2, 1].set(0.0)
+  assert_bptt_equals_autodiff(params, xs, targets, "ignored step", loss="xent",
+                              loss_weights=weights)
+  assert np.isfinite(jaxrnn.bptt(params, xs, targets, loss="xent", loss_weights=weights)[0])

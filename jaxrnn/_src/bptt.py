@@ -39,9 +39,9 @@ from jax import lax
 from jaxrnn._src import checks, kernels, sharding, windows
 from jaxrnn._src.activations import get_activation
 from jaxrnn._src.params import LayerParams, Readout, RNNParams
-from jaxrnn._src.rnn import (LoopPlan, at_step, default_unroll, forward_layers,
+from jaxrnn._src.rnn import (LoopPlan, at_step, class_check, default_unroll, forward_layers,
                              log_softmax, p_minus_onehot, read_block, readout, set_step,
-                             step_losses, weighted_total, write_block)
+                             weighted_total, write_block, xent_terms)
 
 
 class _Backward(NamedTuple):
@@ -342,9 +342,14 @@ def _loss_and_output_grad(out, targets, weights, loss, batch, unit_weights=False
     # square, but XLA before jaxlib 0.10.2 kept the square as one more array)
     terms = 0.5 * jnp.einsum("...o,...o->...", d_out, d_out, precision=lax.Precision.HIGHEST)
   else:
-    terms = step_losses(out, targets, loss)
-    p = jnp.exp(log_softmax(out))
-    d_out = p_minus_onehot(p, jax.nn.one_hot(targets, out.shape[-1], dtype=bool))
+    O = out.shape[-1]
+    check = class_check(targets, O, out.dtype)    # 1, or NaN for a class index off [0, O)
+    log_probs = log_softmax(out)
+    terms = xent_terms(log_probs, targets, check)
+    # A row whose index is off range is all "onehot", so that all of it takes the
+    # NaN of `check` (one more compare, not one more pass over [T, N, O]).
+    onehot = jax.nn.one_hot(targets, O, dtype=bool) | jnp.isnan(check)[..., None]
+    d_out = p_minus_onehot(jnp.exp(log_probs), onehot, scale=check)
   value = weighted_total(terms, weights, batch)
   return value, d_out if unit_weights else d_out * (weights / batch)[:, :, None]
 

@@ -388,15 +388,17 @@ def _top_class(out):
   return jax.nn.one_hot(jnp.argmax(out, axis=-1), out.shape[-1], dtype=bool)
 
 
-def p_minus_onehot(p, onehot):
+def p_minus_onehot(p, onehot, scale=None):
   """``[..., O] -> [..., O]``: ``p − onehot(c)`` for probabilities p, exact in every entry.
 
   The entry at c is formed as ``−Σ_{j≠c} p_j``, a sum of small terms, not as
   ``p_c − 1``, which loses it where p_c → 1. ``onehot``: [..., O] bool.
   The softmax-cross-entropy gradient (c the target) and log softmax's
-  derivative rule (c the largest logit) both need it.
+  derivative rule (c the largest logit) both need it. ``scale``: optional
+  [...] factor of the entry at c (a row whose onehot is all true becomes it).
   """
-  return jnp.where(onehot, -jnp.sum(jnp.where(onehot, 0, p), axis=-1, keepdims=True), p)
+  at_c = -jnp.sum(jnp.where(onehot, 0, p), axis=-1, keepdims=True)
+  return jnp.where(onehot, at_c if scale is None else at_c * scale[..., None], p)
 
 
 @jax.custom_jvp
@@ -435,11 +437,30 @@ def _log_softmax_jvp(primals, tangents):
   return logp, jnp.where(top, 0, d_out - d_top) - jnp.sum(q * d_out, axis=-1, keepdims=True)
 
 
+def class_check(targets, num_classes: int, dtype):
+  """``[...] -> [...]``: 1 where a class index lies in ``[0, O)``, NaN where it does not.
+
+  Both sides scale a step's cross-entropy term by it (and the manual side its
+  δo row, in :mod:`jaxrnn._src.bptt`), so such an index makes the loss and
+  every gradient NaN, the same on both sides. Indexing alone would wrap −1 to
+  class O − 1: a finite, silently wrong loss (−1 is a common "ignore" label;
+  leave a step out with ``loss_weights`` 0 instead).
+  """
+  inside = (targets >= 0) & (targets < num_classes)
+  return jnp.where(inside, 1, jnp.nan).astype(dtype)
+
+
+def xent_terms(log_probs, targets, check):
+  """``[..., O], [...], [...] -> [...]``: −log p[y] · check, each step's cross-entropy term."""
+  index = jnp.clip(targets, 0, log_probs.shape[-1] - 1)   # off-range rows: check is NaN
+  return -jnp.take_along_axis(log_probs, index[..., None], axis=-1)[..., 0] * check
+
+
 def step_losses(out, targets, loss: str):
   """Per-step loss terms ``[T, N]``: ½‖o − y‖² (mse) or −log softmax(o)[y] (xent)."""
   if loss == "mse":
     return 0.5 * jnp.sum(jnp.square(out - targets), axis=-1)
-  return -jnp.take_along_axis(log_softmax(out), targets[..., None], axis=-1)[..., 0]
+  return xent_terms(log_softmax(out), targets, class_check(targets, out.shape[-1], out.dtype))
 
 
 def weighted_total(terms, weights, batch: int):
