@@ -155,6 +155,33 @@ def test_traced_lengths_do_not_recompile():
   assert not np.allclose(a[0], b[0])
 
 
+@pytest.mark.parametrize("bad", [0, -2, T + 1])
+@pytest.mark.parametrize("many_to_one", [False, True])
+@pytest.mark.parametrize("extra", [{}, dict(tau_max=3, tau_b=2), dict(checkpoint_every=3)])
+def test_a_length_off_one_to_T_gives_nan_on_both_sides(bad, many_to_one, extra):
+  # A value, not checkable under jit: it dropped its sequence (0, or any length
+  # with many_to_one) or cut it at T, silently. validate_inputs raises on it.
+  params, xs, targets = make_problem(9, T=T, B=B, many_to_one=many_to_one)
+  lengths = LENGTHS.at[1].set(bad)
+  manual, auto = (fn(params, xs, targets, lengths=lengths, many_to_one=many_to_one, **kw)
+                  for fn, kw in ((jaxrnn.bptt, extra),
+                                 (jaxrnn.autodiff_bptt, {k: v for k, v in extra.items()
+                                                         if k != "checkpoint_every"})))
+  assert np.isnan(manual[0]) and np.isnan(auto[0])
+  assert np.isnan(jaxrnn.loss(params, xs, targets, lengths=lengths, many_to_one=many_to_one))
+  # The readout sees every step, so its gradient is NaN throughout. The layers'
+  # gradients are NaN too where the sequence ran (a length past T); a length <= 0
+  # runs no step of them, so they hold the other sequences' finite sum. Both
+  # sides agree entry by entry.
+  for name, a, b in zip(("W_xh", "W_hh", "b_h", "W_hy", "b_y"),
+                        jax.tree.leaves(manual[1]), jax.tree.leaves(auto[1])):
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+    assert np.isnan(a).all() == (name in ("W_hy", "b_y") or bad > T), name
+    np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(b), rtol=1e-10, err_msg=name)
+  with pytest.raises(ValueError, match=r"lengths must lie in \[1, T\]"):
+    jaxrnn.validate_inputs(params, xs, targets, lengths=lengths, many_to_one=many_to_one)
+
+
 @pytest.mark.parametrize("kw,exc,words", [
     (dict(lengths=jnp.array([3, 4])), ValueError, ["lengths", "(3,)", "(2,)"]),
     (dict(lengths=jnp.array([3.0, 4.0, 1.0])), TypeError, ["lengths", "integer", "float"]),

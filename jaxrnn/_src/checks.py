@@ -359,6 +359,12 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
   if lengths is not None or loss_weights is not None or many_to_one:
     scored = weights != 0
     targets = jnp.where(scored[:, :, None] if loss == "mse" else scored, targets, 0)
+  if lengths is not None:
+    # A length off [1, T] (a value: not checkable under jit) would drop or cut its
+    # sequence silently; instead it makes the loss and every gradient NaN.
+    # (A select: XLA rewrites 0/1 weights times NaN as a select that drops the NaN.)
+    inside = (lengths >= 1) & (lengths <= T)
+    weights = jnp.where(inside[None, :], weights, jnp.nan)
   unit = lengths is None and loss_weights is None and not many_to_one
   return Inputs(xs, h0, valid, reset, targets, weights, truncation, unit_weights=unit)
 
