@@ -119,6 +119,12 @@ def test_bad_train_options(kw, words):
     assert w in str(info.value)
 
 
+def test_many_to_one_is_checked_when_the_step_is_made():
+  # not at the first call, inside the first batch's trace
+  with pytest.raises(TypeError, match="many_to_one must be a bool; got 'yes'"):
+    jaxrnn.make_train_step(optax.sgd(0.1), many_to_one="yes")
+
+
 @pytest.mark.parametrize("make", [jaxrnn.make_train_step,
                                   lambda opt: jaxrnn.make_tbptt_stream(opt, tau_b=2)])
 def test_the_optimizer_must_be_an_optax_transformation(make):

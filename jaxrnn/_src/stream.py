@@ -155,8 +155,7 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
   tau_b = checks.check_int_option("tau_b", tau_b, allow_none=False)
   tau_max = tau_b if tau_max is None else checks.check_int_option("tau_max", tau_max)
   checks.check_truncation(tau_max, tau_b, tau_max + 1)
-  if loss not in checks.LOSSES:
-    raise ValueError(f"loss must be one of {checks.LOSSES}; got {loss!r}.")
+  checks.check_static_options(loss, many_to_one=False)
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
   check_optimizer(optimizer)

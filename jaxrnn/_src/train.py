@@ -97,8 +97,7 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
   check_optimizer(optimizer)
   if method not in GRAD_METHODS:
     raise ValueError(f"method must be one of {GRAD_METHODS}; got {method!r}.")
-  if loss not in checks.LOSSES:
-    raise ValueError(f"loss must be one of {checks.LOSSES}; got {loss!r}.")
+  checks.check_static_options(loss, many_to_one)
   checks.check_truncation(tau_max, tau_b, (tau_max or 0) + 1)
   if clip_norm is not None and (isinstance(clip_norm, (bool, np.bool_)) or
                                 not isinstance(clip_norm, numbers.Real) or not clip_norm > 0):
