@@ -51,6 +51,12 @@ def as_array(name: str, x):
                     f"shape); got {type(x).__name__}: {e}") from None
 
 
+def check_floating(name: str, x) -> None:
+  """A TypeError naming ``name`` unless ``x`` has a floating dtype."""
+  if not jnp.issubdtype(_dtype(x), jnp.floating):
+    raise TypeError(f"{name} must have a floating dtype; got {_dtype(x)}.")
+
+
 def as_arrays(**named) -> tuple:
   """:func:`as_array` of each keyword argument, returned in the order given."""
   return tuple(as_array(name, x) for name, x in named.items())
@@ -257,8 +263,7 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
     raise ValueError(f"xs must have shape [T, B, D] (rank 3, time-major); "
                      f"got shape {_shape(xs)}.")
   T, B, D = xs.shape
-  if not jnp.issubdtype(xs.dtype, jnp.floating):
-    raise TypeError(f"xs must have a floating dtype; got {xs.dtype}.")
+  check_floating("xs", xs)
   if T == 0:
     raise ValueError(f"xs must have at least one time step (T >= 1); got shape {xs.shape}.")
   if B == 0:
@@ -286,8 +291,7 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
       if _shape(h) != (B, size):
         raise ValueError(f"h0[{l}] must have shape [B, H_{l + 1}] = {(B, size)}; "
                          f"got {'None' if h is None else _shape(h)}.")
-      if not jnp.issubdtype(_dtype(h), jnp.floating):
-        raise TypeError(f"h0[{l}] must have a floating dtype; got {_dtype(h)}.")
+      check_floating(f"h0[{l}]", h)
     h0 = tuple(sharding.split_like(h.astype(dtype), xs, axis=0) for h in h0)
 
   valid = None
@@ -340,8 +344,7 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
     if _shape(loss_weights) != (T, B):
       raise ValueError(f"loss_weights must have shape [T, B] = {(T, B)}; "
                        f"got {_shape(loss_weights)}.")
-    if not jnp.issubdtype(_dtype(loss_weights), jnp.floating):
-      raise TypeError(f"loss_weights must have a floating dtype; got {_dtype(loss_weights)}.")
+    check_floating("loss_weights", loss_weights)
     weights = sharding.split_like(loss_weights.astype(dtype), xs)
     if valid is not None:
       weights = jnp.where(valid, weights, 0)

@@ -63,9 +63,8 @@ def elman_step(layer: LayerParams, h: jax.Array, x: jax.Array, *,
     raise ValueError(f"h must have shape [B, H] with H = {H}; got {np.shape(h)}.")
   if np.shape(x) != (B, D):
     raise ValueError(f"x must have shape [B, D] = {(B, D)}; got {np.shape(x)}.")
-  for name, a in (("h", h), ("x", x)):   # floating, cast to the layer's dtype (as in bptt)
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-      raise TypeError(f"{name} must have a floating dtype; got {a.dtype}.")
+  checks.check_floating("h", h)   # then cast to the layer's dtype, as bptt casts xs and h0
+  checks.check_floating("x", x)
   dtype = jnp.result_type(layer.W_hh)
   h, x = h.astype(dtype), x.astype(dtype)
   h_new = f(x @ layer.W_xh + h @ layer.W_hh + layer.b_h[None, :])
