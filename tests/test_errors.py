@@ -56,6 +56,31 @@ def test_a_static_option_passed_through_jit_says_how_to_mark_it_static(fn, optio
   jax.jit(fn, static_argnames=option)(P, XS, Y, **{option: value})  # the remedy works
 
 
+@pytest.mark.parametrize("fn", [jaxrnn.bptt, jaxrnn.autodiff_bptt, jaxrnn.backward_deltas,
+                                jaxrnn.loss, lambda p, x, y: jaxrnn.forward(p, x)])
+@pytest.mark.parametrize("fields", [lambda p: p._asdict(), tuple])
+def test_params_of_the_right_fields_but_not_an_rnnparams_are_named(fn, fields):
+  # A dict or tuple of the fields holds the activation name, a string, that the
+  # functions' jax.jit refused with an error about abstract arrays.
+  with pytest.raises(TypeError) as info:
+    fn(fields(P), XS, Y)
+  for w in ("params must be an RNNParams", type(fields(P)).__name__, "RNNParams(**d)"):
+    assert w in str(info.value), (w, str(info.value))
+
+
+@pytest.mark.parametrize("params,words", [
+    (P._replace(readout=P.readout._replace(b_y=None)), ["params.readout.b_y", "array", "None"]),
+    (P._replace(layers=(P.layers[0]._replace(W_hh=None), P.layers[1])),
+     ["params.layers[0].W_hh", "array", "None"]),
+    (P._replace(layers=list(P.layers)), ["params.layers", "tuple", "list of length 2"]),
+])
+def test_params_fields_that_are_not_arrays_are_named(params, words):
+  with pytest.raises((TypeError, ValueError)) as info:
+    jaxrnn.bptt(params, XS, Y)
+  for w in words:
+    assert w in str(info.value), (w, str(info.value))
+
+
 @pytest.mark.parametrize("fn", [jaxrnn.bptt, jaxrnn.autodiff_bptt])
 def test_return_dh0_must_be_a_bool(fn):
   # It picks the number of results: a truthy string must not pass for True.

@@ -182,6 +182,21 @@ def test_a_length_off_one_to_T_gives_nan_on_both_sides(bad, many_to_one, extra):
     jaxrnn.validate_inputs(params, xs, targets, lengths=lengths, many_to_one=many_to_one)
 
 
+@pytest.mark.parametrize("bad", [0, -2, T + 1])
+def test_forward_with_a_length_off_one_to_T_gives_nan_for_that_sequence(bad):
+  # forward returned h0 (a length <= 0) or the state at T (a length past T), silently.
+  params, xs, _ = make_problem(9, T=T, B=B, hidden=(4, 3))
+  got = jaxrnn.forward(params, xs, lengths=LENGTHS.at[1].set(bad), resets=RESETS)
+  want = jaxrnn.forward(params, xs, lengths=LENGTHS, resets=RESETS)
+  for name, g, w, axis in [("h_last[0]", got[0][0], want[0][0], 0),
+                           ("h_last[1]", got[0][1], want[0][1], 0),
+                           ("hs[0]", got[1][0], want[1][0], 1), ("hs[1]", got[1][1], want[1][1], 1),
+                           ("ys", got[2], want[2], 1)]:
+    g, w = np.moveaxis(np.asarray(g), axis, 0), np.moveaxis(np.asarray(w), axis, 0)
+    assert np.isnan(g[1]).all(), name
+    np.testing.assert_array_equal(g[[0, 2]], w[[0, 2]], err_msg=name)
+
+
 @pytest.mark.parametrize("kw,exc,words", [
     (dict(lengths=jnp.array([3, 4])), ValueError, ["lengths", "(3,)", "(2,)"]),
     (dict(lengths=jnp.array([3.0, 4.0, 1.0])), TypeError, ["lengths", "integer", "float"]),

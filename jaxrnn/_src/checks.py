@@ -62,21 +62,39 @@ def as_arrays(**named) -> tuple:
   return tuple(as_array(name, x) for name, x in named.items())
 
 
+def check_params_type(params) -> None:
+  """A TypeError unless ``params`` is an :class:`RNNParams`.
+
+  The public functions call this before their ``jax.jit``: a dict or tuple of
+  the fields (``params._asdict()``, ``tuple(params)``) holds the activation
+  name, a string, which jit would refuse with an error about abstract arrays.
+  """
+  from jaxrnn._src.params import RNNParams  # no cycle
+  if not isinstance(params, RNNParams):
+    hint = (" (a dict or tuple of its fields converts back with RNNParams(**d) or "
+            "RNNParams(*t))" if isinstance(params, (dict, tuple)) else "")
+    raise TypeError(f"params must be an RNNParams (see jaxrnn.init_params); "
+                    f"got {type(params).__name__}{hint}.")
+
+
 def check_params(params) -> None:
   """Checks that ``params`` is a consistent :class:`RNNParams`."""
-  from jaxrnn._src.params import LayerParams, Readout, RNNParams  # no cycle
-  if not isinstance(params, RNNParams):
-    raise TypeError(f"params must be an RNNParams (see jaxrnn.init_params); "
-                    f"got {type(params).__name__}.")
+  from jaxrnn._src.params import LayerParams, Readout  # no cycle
+  check_params_type(params)
   get_activation(params.activation)
   if not isinstance(params.layers, tuple) or not params.layers:
-    raise ValueError("params.layers must be a non-empty tuple of LayerParams; "
-                     f"got {params.layers!r:.80}.")
+    got = (f"{type(params.layers).__name__} of length {len(params.layers)}"
+           if isinstance(params.layers, (tuple, list)) else type(params.layers).__name__)
+    raise ValueError(f"params.layers must be a non-empty tuple of LayerParams; got {got}.")
   d_in = None
   for l, layer in enumerate(params.layers):
     if not isinstance(layer, LayerParams):
       raise TypeError(f"params.layers[{l}] must be a LayerParams; "
                       f"got {type(layer).__name__}.")
+    for name, x in zip(LayerParams._fields, layer):
+      if not hasattr(x, "shape"):
+        raise TypeError(f"params.layers[{l}].{name} must be an array; "
+                        f"got {type(x).__name__}.")
     sx, sh, sb = _shape(layer.W_xh), _shape(layer.W_hh), _shape(layer.b_h)
     if len(sx) != 2:
       raise ValueError(f"params.layers[{l}].W_xh must have shape [D_in, H]; got {sx}.")
@@ -94,6 +112,9 @@ def check_params(params) -> None:
     if not isinstance(params.readout, Readout):
       raise TypeError(f"params.readout must be a Readout or None; "
                       f"got {type(params.readout).__name__}.")
+    for name, x in zip(Readout._fields, params.readout):
+      if not hasattr(x, "shape"):
+        raise TypeError(f"params.readout.{name} must be an array; got {type(x).__name__}.")
     sy, sby = _shape(params.readout.W_hy), _shape(params.readout.b_y)
     if len(sy) != 2 or sy[0] != d_in:
       raise ValueError(f"params.readout.W_hy must have shape [H_L, O] with H_L = {d_in}; "
@@ -303,6 +324,9 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
     lengths = sharding.split_like(lengths, xs, axis=0)
     valid = jnp.arange(T, dtype=lengths.dtype)[:, None] < lengths[None, :]
     xs = jnp.where(valid[:, :, None], xs, 0)  # padded inputs can never leak (NaN-safe)
+    # A length off [1, T] (a value: not checkable under jit) would drop or cut its
+    # sequence silently; instead it makes what depends on that sequence NaN.
+    inside = (lengths >= 1) & (lengths <= T)
 
   reset = None
   if resets is not None:
@@ -316,6 +340,8 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
 
   truncation = check_truncation(tau_max, tau_b, T)
   if targets is None:
+    if lengths is not None:   # the forward pass: that sequence's states (a reset restores h0)
+      h0 = tuple(jnp.where(inside[:, None], h, jnp.nan) for h in h0)
     return Inputs(xs, h0, valid, reset, None, None, truncation)
 
   check_static_options(loss, many_to_one)
@@ -363,10 +389,8 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
     scored = weights != 0
     targets = jnp.where(scored[:, :, None] if loss == "mse" else scored, targets, 0)
   if lengths is not None:
-    # A length off [1, T] (a value: not checkable under jit) would drop or cut its
-    # sequence silently; instead it makes the loss and every gradient NaN.
-    # (A select: XLA rewrites 0/1 weights times NaN as a select that drops the NaN.)
-    inside = (lengths >= 1) & (lengths <= T)
+    # The loss: NaN, and every gradient it reaches. (A select: XLA rewrites 0/1
+    # weights times NaN as a select that drops the NaN.)
     weights = jnp.where(inside[None, :], weights, jnp.nan)
   unit = lengths is None and loss_weights is None and not many_to_one
   return Inputs(xs, h0, valid, reset, targets, weights, truncation, unit_weights=unit)

@@ -472,7 +472,6 @@ def weighted_total(terms, weights, batch: int):
   return (jnp.sum(weights * terms, dtype=acc) / batch).astype(terms.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=())
 def forward(params, xs, h0=None, *, lengths=None, resets=None):
   """Runs the RNN over a batch of sequences (``lax.scan`` over time).
 
@@ -485,7 +484,10 @@ def forward(params, xs, h0=None, *, lengths=None, resets=None):
     xs: [T, B, D] inputs, time-major.
     h0: None (zeros) or a tuple of L arrays [B, H_l]: the initial state.
     lengths: optional [B] int in [1, T]: sequences are right-padded to T; past
-      its length a sequence's state is frozen and its inputs are ignored.
+      its length a sequence's state is frozen and its inputs are ignored. A
+      length outside [1, T] (a value, which ``jax.jit`` cannot check; see
+      :func:`jaxrnn.validate_inputs`) makes its sequence's states and outputs
+      NaN, instead of returning h0 or cutting the sequence at T.
     resets: optional [T, B] bool: where True the state is reset to ``h0``
       before the step is computed.
 
@@ -495,6 +497,12 @@ def forward(params, xs, h0=None, *, lengths=None, resets=None):
     [T, B, H_l]; ys [T, B, O] (readout at every step), or hs[-1] without
     a readout.
   """
+  checks.check_params_type(params)
+  return _forward(params, xs, h0, lengths=lengths, resets=resets)
+
+
+@jax.jit
+def _forward(params, xs, h0, *, lengths, resets):
   inp = checks.prepare(params, xs, None, h0=h0, lengths=lengths, resets=resets)
   hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, inp.h0)
   return tuple(h[-1] for h in hs), hs, readout(params, hs[-1])
@@ -528,6 +536,7 @@ def loss(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
   Returns:
     The scalar loss.
   """
+  checks.check_params_type(params)
   checks.check_static_options(loss, many_to_one)
   return _loss(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                lengths=lengths, loss_weights=loss_weights, resets=resets)
