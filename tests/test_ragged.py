@@ -220,6 +220,7 @@ def test_bad_options(kw, exc, words):
 @pytest.mark.parametrize("kw,words", [
     (dict(lengths=jnp.array([0, 3, 4])), ["lengths", "[1, 8]", "lengths[0] = 0"]),
     (dict(lengths=jnp.array([3, 9, 4])), ["lengths", "lengths[1] = 9"]),
+    (dict(lengths=jnp.array([3, 9, 4]), _targets=lambda y: None), ["lengths", "lengths[1] = 9"]),
     (dict(loss_weights=-WEIGHTS), ["loss_weights", ">= 0"]),
     (dict(_targets=lambda y: y.at[2, 1, 0].set(jnp.nan)), ["targets", "non-finite", "scored"]),
     (dict(h0=(jnp.full((B, 4), jnp.inf),)), ["h0[0]", "non-finite"]),
@@ -239,6 +240,19 @@ def test_validate_inputs_checks_values(kw, words):
     jaxrnn.validate_inputs(params, xs, targets, **kw)
   for w in words:
     assert w in str(info.value)
+
+
+def test_validate_inputs_under_jit_says_it_needs_concrete_values():
+  # It raised NumPy's TracerArrayConversionError from inside.
+  params, xs, targets = make_problem(0, T=T, B=B)
+  for traced in ("xs", "lengths"):
+    def f(a):
+      kw = {**dict(xs=xs, lengths=LENGTHS), traced: a}
+      jaxrnn.validate_inputs(params, kw.pop("xs"), targets, **kw)
+    with pytest.raises(TypeError) as info:
+      jax.jit(f)(xs if traced == "xs" else LENGTHS)
+    for w in ("validate_inputs", "concrete", f"{traced} is traced", "outside"):
+      assert w in str(info.value), (w, str(info.value))
 
 
 def test_validate_inputs_ignores_padded_targets_and_names_unknown_options():

@@ -51,6 +51,11 @@ def test_newest_corrupted_or_truncated_checkpoint_falls_back(tmp_path):
   loaded, warned = _load_latest_warned(tmp_path, (other, optax.adam(0.1).init(other)))
   assert loaded is None
   assert len(warned) == 3 and "the state expects" in warned[2] and "ckpt_000000010" in warned[2]
+  # a state of more or fewer arrays (another optimizer): the counts, not a KeyError
+  for opt, n in ((optax.sgd(0.1), 5), (optax.chain(optax.adam(0.1), optax.adam(0.1)), 27)):
+    loaded, warned = _load_latest_warned(tmp_path, (template[0], opt.init(template[0])))
+    assert loaded is None and "ckpt_000000010" in warned[2], warned
+    assert f"it holds 16 arrays, the state has {n}" in warned[2], warned
 
 
 def test_checkpoints_are_ordered_by_step_number_and_keep_is_checked(tmp_path):

@@ -413,6 +413,11 @@ def validate_inputs(params, xs, targets=None, **options) -> None:
     **options: the keyword options of :func:`jaxrnn.bptt`.
   """
   options = dict(options)
+  for name, value in dict(params=params, xs=xs, targets=targets, **options).items():
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value)):
+      raise TypeError(f"validate_inputs checks values, so it needs concrete arrays; {name} is "
+                      f"traced (a call under jax.jit, vmap or grad). Call it outside them, "
+                      f"once on your data.")
   static = {k: options.pop(k) for k in BPTT_ONLY_OPTIONS if k in options}
   known = [name for name, p in inspect.signature(prepare).parameters.items()
            if p.kind is inspect.Parameter.KEYWORD_ONLY]
@@ -426,19 +431,19 @@ def validate_inputs(params, xs, targets=None, **options) -> None:
   check_bool("return_dh0", static.get("return_dh0", False))
   prepared = prepare(params, xs, targets, **options)
   T = np.shape(xs)[0]
+  lengths = options.get("lengths")
+  if lengths is not None:   # first: prepare makes what such a length reaches NaN
+    lengths = np.asarray(lengths)
+    bad = np.flatnonzero((lengths < 1) | (lengths > T))
+    if bad.size:
+      raise ValueError(f"lengths must lie in [1, T] = [1, {T}]; got lengths[{bad[0]}] = "
+                       f"{lengths[bad[0]]}.")
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     if not np.isfinite(np.asarray(leaf)).all():
       raise ValueError(f"params{jax.tree_util.keystr(path)} has non-finite values.")
   for l, h in enumerate(prepared.h0):
     if not np.isfinite(np.asarray(h)).all():
       raise ValueError(f"h0[{l}] has non-finite values.")
-  lengths = options.get("lengths")
-  if lengths is not None:
-    lengths = np.asarray(lengths)
-    bad = np.flatnonzero((lengths < 1) | (lengths > T))
-    if bad.size:
-      raise ValueError(f"lengths must lie in [1, T] = [1, {T}]; got lengths[{bad[0]}] = "
-                       f"{lengths[bad[0]]}.")
   x = np.asarray(prepared.xs)
   if not np.isfinite(x).all():
     raise ValueError("xs has non-finite values at valid (non-padded) steps.")

@@ -155,9 +155,10 @@ def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
       # The file is opened here: np.load leaves it open when the zip is unreadable.
       with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
         record = str(z["record"])
+        saved = sum(1 for name in z.files if name.startswith("arr_"))
+        if saved != len(leaves):   # another optimizer or model
+          raise ValueError(f"it holds {saved} arrays, the state has {len(leaves)}")
         arrays = [z[f"arr_{i}"] for i in range(len(leaves))]
-        if f"arr_{len(leaves)}" in z.files:
-          raise ValueError("it holds more arrays than the training state has")
         if str(z["digest"]) != _digest(arrays, record):
           raise ValueError("its checksum does not match its contents")
       record = json.loads(record)
