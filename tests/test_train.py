@@ -134,6 +134,26 @@ def test_the_optimizer_must_be_an_optax_transformation(make):
     make(None)
 
 
+def test_steps_name_params_that_are_not_an_rnnparams_and_stay_jit_functions():
+  # jit refused a dict of the fields (it holds the activation name) about abstract arrays.
+  params, xs, targets = make_problem(0, T=3, B=2, D=2, hidden=(4,), O=2)
+  sgd = optax.sgd(0.1)
+  step = jaxrnn.make_train_step(sgd)
+  stream = jaxrnn.make_tbptt_stream(sgd, tau_b=3)
+  state = stream.init(params, 2)[1]
+  calls = [(step, (sgd.init(params), xs, targets)),
+           (stream.step, (sgd.init(params), state, xs, targets)),
+           (lambda p, x: jaxrnn.forward(p, x), (xs,))]
+  for fn, rest in calls:
+    with pytest.raises(TypeError, match=r"params must be an RNNParams .*got dict"):
+      fn(params._asdict(), *rest)
+  for fn, rest in calls[:2]:     # what a jit function offers is still there
+    assert fn.lower(params, *rest).compile().memory_analysis() is not None
+    fn(params, *rest)
+    assert fn._cache_size() == 1
+  assert jaxrnn.forward.lower(params, xs) is not None and "lengths" in jaxrnn.forward.__doc__
+
+
 def test_an_opt_state_of_another_optimizer_or_model_is_named():
   # optax itself fails inside its update, naming neither argument: an AttributeError
   # on a state field, or a broadcasting error between the two models' shapes.

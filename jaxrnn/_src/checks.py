@@ -8,6 +8,7 @@ expected and what was given. Checks on *values* (for example that every
 :func:`validate_inputs`, which callers run eagerly on concrete data.
 """
 
+import functools
 import inspect
 import numbers
 from typing import NamedTuple, Optional, Tuple
@@ -75,6 +76,22 @@ def check_params_type(params) -> None:
             "RNNParams(*t))" if isinstance(params, (dict, tuple)) else "")
     raise TypeError(f"params must be an RNNParams (see jaxrnn.init_params); "
                     f"got {type(params).__name__}{hint}.")
+
+
+def params_checked(jitted):
+  """``jitted`` (a ``jax.jit`` function of ``params, ...``), checking ``params``'s type first.
+
+  Keeps the jit function's signature, docstring, ``lower``, ``trace``,
+  ``eval_shape`` and ``clear_cache``.
+  """
+  @functools.wraps(jitted)
+  def call(params, *args, **kwargs):
+    check_params_type(params)
+    return jitted(params, *args, **kwargs)
+  for name in ("lower", "trace", "eval_shape", "clear_cache", "_cache_size"):
+    if hasattr(jitted, name):
+      setattr(call, name, getattr(jitted, name))
+  return call
 
 
 def check_params(params) -> None:

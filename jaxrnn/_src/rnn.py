@@ -472,6 +472,8 @@ def weighted_total(terms, weights, batch: int):
   return (jnp.sum(weights * terms, dtype=acc) / batch).astype(terms.dtype)
 
 
+@checks.params_checked
+@jax.jit
 def forward(params, xs, h0=None, *, lengths=None, resets=None):
   """Runs the RNN over a batch of sequences (``lax.scan`` over time).
 
@@ -497,12 +499,6 @@ def forward(params, xs, h0=None, *, lengths=None, resets=None):
     [T, B, H_l]; ys [T, B, O] (readout at every step), or hs[-1] without
     a readout.
   """
-  checks.check_params_type(params)
-  return _forward(params, xs, h0, lengths=lengths, resets=resets)
-
-
-@jax.jit
-def _forward(params, xs, h0, *, lengths, resets):
   inp = checks.prepare(params, xs, None, h0=h0, lengths=lengths, resets=resets)
   hs = forward_layers(params, inp.xs, inp.h0, inp.valid, inp.reset, inp.h0)
   return tuple(h[-1] for h in hs), hs, readout(params, hs[-1])

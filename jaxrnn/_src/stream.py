@@ -201,6 +201,7 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
                        f"init(params, batch_size).")
     return xs, targets, resets, loss_weights
 
+  @checks.params_checked
   @jax.jit
   def step(params, opt_state, state, xs, targets, resets=None, loss_weights=None):
     xs, targets, resets, loss_weights = check_chunk(params, state, xs, targets, resets,

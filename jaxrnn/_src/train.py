@@ -119,6 +119,7 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
   else:
     grad_fn = autodiff_bptt
 
+  @checks.params_checked
   @jax.jit
   def step(params, opt_state, xs, targets, *, h0=None, lengths=None, loss_weights=None,
            resets=None):
