@@ -54,6 +54,7 @@ def _truncated_loss(params, h0, inp: checks.Inputs, loss: str):
   return value, hs
 
 
+@checks.params_checked
 def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
                   tau_max=None, tau_b=None, lengths=None, loss_weights=None, resets=None,
                   return_dh0=False):
@@ -66,7 +67,6 @@ def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None
   windows are realised with ``jax.lax.stop_gradient`` on the state at each
   window's start (see :mod:`jaxrnn._src.windows`).
   """
-  checks.check_params_type(params)
   tau_max, tau_b = checks.static_options(xs, loss, many_to_one, tau_max, tau_b)
   return_dh0 = checks.check_bool("return_dh0", return_dh0)
   return _autodiff_bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,

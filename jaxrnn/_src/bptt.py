@@ -486,6 +486,7 @@ def _bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths
   return (value, grads, per_example) if return_dh0 else (value, grads)
 
 
+@checks.params_checked
 def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max=None,
          tau_b=None, lengths=None, loss_weights=None, resets=None, return_dh0=False,
          checkpoint_every=None, unroll=None, fused=None):
@@ -566,7 +567,6 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
     >>> xs = jnp.ones((20, 4, 3)); ys = jnp.zeros((20, 4, 2))
     >>> value, grads = jaxrnn.bptt(params, xs, ys, loss="mse")
   """
-  checks.check_params_type(params)
   tau_max, tau_b = checks.static_options(xs, loss, many_to_one, tau_max, tau_b)
   return_dh0 = checks.check_bool("return_dh0", return_dh0)
   checkpoint_every = checks.check_int_option("checkpoint_every", checkpoint_every)
@@ -578,6 +578,7 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
                checkpoint_every=checkpoint_every, plan=plan)
 
 
+@checks.params_checked
 def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
                     tau_max=None, tau_b=None, lengths=None, loss_weights=None, resets=None):
   """The backward deltas δh^l_t = ∂L/∂h^l_t of every layer and step (manual pass).
@@ -592,7 +593,6 @@ def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=No
   Returns:
     A tuple of L arrays [T, B, H_l].
   """
-  checks.check_params_type(params)
   tau_max, tau_b = checks.static_options(xs, loss, many_to_one, tau_max, tau_b)
   return _bptt(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,

@@ -78,19 +78,19 @@ def check_params_type(params) -> None:
                     f"got {type(params).__name__}{hint}.")
 
 
-def params_checked(jitted):
-  """``jitted`` (a ``jax.jit`` function of ``params, ...``), checking ``params``'s type first.
+def params_checked(fn):
+  """``fn(params, ...)``, checking ``params``'s type first: every public entry point.
 
-  Keeps the jit function's signature, docstring, ``lower``, ``trace``,
-  ``eval_shape`` and ``clear_cache``.
+  Keeps ``fn``'s signature and docstring, and a jit function's ``lower``,
+  ``trace``, ``eval_shape``, ``clear_cache`` and cache size.
   """
-  @functools.wraps(jitted)
+  @functools.wraps(fn)
   def call(params, *args, **kwargs):
     check_params_type(params)
-    return jitted(params, *args, **kwargs)
+    return fn(params, *args, **kwargs)
   for name in ("lower", "trace", "eval_shape", "clear_cache", "_cache_size"):
-    if hasattr(jitted, name):
-      setattr(call, name, getattr(jitted, name))
+    if hasattr(fn, name):
+      setattr(call, name, getattr(fn, name))
   return call
 
 

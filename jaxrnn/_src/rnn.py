@@ -504,6 +504,7 @@ def forward(params, xs, h0=None, *, lengths=None, resets=None):
   return tuple(h[-1] for h in hs), hs, readout(params, hs[-1])
 
 
+@checks.params_checked
 def loss(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
          lengths=None, loss_weights=None, resets=None):
   """Training loss of the RNN on a batch (a scalar).
@@ -532,7 +533,6 @@ def loss(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
   Returns:
     The scalar loss.
   """
-  checks.check_params_type(params)
   checks.check_static_options(loss, many_to_one)
   return _loss(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
                lengths=lengths, loss_weights=loss_weights, resets=resets)
