@@ -105,6 +105,70 @@ def test_bfloat16_state_round_trips(tmp_path):
   assert loaded is None and "bfloat16[2, 3], the state expects float32[2, 3]" in warned[0]
 
 
+def test_typed_prng_keys_round_trip(tmp_path):
+  """A typed PRNG key (``jax.random.key``, what JAX recommends, and what the state of
+  optax.noisy_sgd / add_noise holds) has no NumPy form: its key data is stored and the
+  key rewrapped with its implementation (before, save raised NumPy's TypeError)."""
+  keys = (jax.random.key(3), jax.random.split(jax.random.key(4, impl="rbg"), 3),
+          jax.random.PRNGKey(5))                    # a raw uint32[2] key stays an array
+  state = (keys, jnp.arange(3.0))
+  persist.save(tmp_path, 2, state, {})
+  loaded, record = persist.load_latest(tmp_path, state)
+  assert record == dict(step=2)
+  assert [a.dtype for a in jax.tree.leaves(loaded)] == [a.dtype for a in jax.tree.leaves(state)]
+  for got, want in zip(loaded[0][:2], keys[:2]):
+    np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
+  np.testing.assert_array_equal(loaded[0][2], keys[2])
+  # the restored keys draw what the saved ones draw
+  np.testing.assert_array_equal(jax.random.normal(loaded[0][0], (4,)),
+                                jax.random.normal(keys[0], (4,)))
+  # a template of another implementation, or a raw key, does not take the typed one
+  for other, words in ((jax.random.key(3, impl="rbg"), "key<fry>[], the state expects key<rbg>[]"),
+                       (jax.random.PRNGKey(3), "key<fry>[], the state expects uint32[2]")):
+    template = ((other,) + keys[1:], state[1])
+    loaded, warned = _load_latest_warned(tmp_path, template)
+    assert loaded is None and words in warned[0], warned
+
+
+def _jitter(scale, seed):
+  """An optax transformation that adds noise from a typed key it carries in its state."""
+  def init(params):
+    return jax.random.key(seed)
+
+  def update(updates, key, params=None):
+    key, sub = jax.random.split(key)
+    leaves, treedef = jax.tree.flatten(updates)
+    noise = [scale * jax.random.normal(k, u.shape, u.dtype)
+             for k, u in zip(jax.random.split(sub, len(leaves)), leaves)]
+    return treedef.unflatten([u + n for u, n in zip(leaves, noise)]), key
+  return optax.GradientTransformation(init, update)
+
+
+def test_fit_with_a_prng_key_in_the_optimizer_state_resumes_bitwise(tmp_path):
+  """fit checkpoints an optimizer state holding a typed key (before, its first checkpoint
+  raised TypeError after the step had run) and resumes bitwise."""
+  params, xs, targets = make_problem(1, T=4, B=2, hidden=(3,))
+  opt = optax.chain(_jitter(1e-3, seed=7), optax.sgd(0.05))
+  step = jaxrnn.make_train_step(opt)
+  batches = lambda i: dict(xs=xs * (1 + 0.01 * i), targets=targets)
+  full = jaxrnn.fit(step, params, opt.init(params), batches, 6, progress=False)
+  def crashing(i):
+    if i == 4:
+      raise KeyboardInterrupt("the run dies at step 4")
+    return batches(i)
+
+  with pytest.raises(KeyboardInterrupt):
+    jaxrnn.fit(step, params, opt.init(params), crashing, 6, progress=False,
+               checkpoint_dir=tmp_path, checkpoint_every=3)
+  assert [p.name for p in tmp_path.iterdir()] == ["ckpt_000000003.npz"]
+  resumed = jaxrnn.fit(step, params, opt.init(params), batches, 6, progress=False,
+                       checkpoint_dir=tmp_path, checkpoint_every=3)
+  np.testing.assert_array_equal(jax.random.key_data(resumed.opt_state[0]),
+                                jax.random.key_data(full.opt_state[0]))
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+  assert resumed.history == full.history
+
+
 def _load_latest_warned(path, template):
   """``persist.load_latest`` and the messages of every RuntimeWarning it raised (at least one)."""
   with pytest.warns(RuntimeWarning) as record:

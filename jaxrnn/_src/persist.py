@@ -4,7 +4,9 @@ A checkpoint is one ``.npz`` file per step holding every array leaf of the
 training state, a JSON record of everything else (step, metrics so far, skip
 counters, data position) and a SHA-256 over all of it. Leaves of a dtype that
 NumPy's format lacks (bfloat16 and the other ml_dtypes) are stored as their
-raw bits and restored bit for bit. The file is written to a temporary file,
+raw bits and restored bit for bit; typed PRNG keys (``jax.random.key``, as in
+the state of ``optax.noisy_sgd``) as their key data, rewrapped on loading with
+their implementation. The file is written to a temporary file,
 flushed to disk, then renamed into place, so a crash leaves either the old
 set of checkpoints or the new one, never half a file under a checkpoint's
 name. Loading walks from the newest checkpoint back and skips,
@@ -29,6 +31,7 @@ from jaxrnn._src import checks
 PATTERN = "ckpt_{:09d}.npz"
 _NAME = re.compile(r"ckpt_(\d+)\.npz")
 _FOREIGN = "_leaf_dtypes"   # record key: dtype names of leaves stored as raw bits
+_KEYS = "_leaf_key_impls"   # record key: PRNG implementations of leaves stored as key data
 
 
 def _folder(directory) -> pathlib.Path:
@@ -43,6 +46,17 @@ def _checkpoints(directory: pathlib.Path):
   """The checkpoint files in ``directory``, oldest step first (by number, not by name)."""
   steps = {p: int(m[1]) for p in directory.glob("ckpt_*.npz") if (m := _NAME.fullmatch(p.name))}
   return sorted(steps, key=steps.get)
+
+
+def _is_key(x) -> bool:
+  """Whether ``x`` is a typed PRNG key array (``jax.random.key``), which NumPy cannot hold."""
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _spec(x) -> str:
+  """A state leaf's dtype and shape, e.g. ``float32[2, 3]`` or ``key<fry>[]``."""
+  a = x if _is_key(x) else np.asarray(x)
+  return f"{a.dtype}{list(a.shape)}"
 
 
 def _digest(arrays, record: str) -> str:
@@ -66,8 +80,12 @@ def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> 
   step = checks.check_int_option("step", step, allow_none=False, minimum=0)
   keep = checks.check_int_option("keep", keep, allow_none=False)
   directory = _folder(directory)
-  arrays = [np.asarray(x) for x in jax.tree.leaves(state)]
+  leaves = jax.tree.leaves(state)
   record = dict(record, step=step)
+  impls = [str(jax.random.key_impl(x)) if _is_key(x) else None for x in leaves]
+  if any(impls):
+    record[_KEYS] = impls
+  arrays = [np.asarray(jax.random.key_data(x) if impl else x) for x, impl in zip(leaves, impls)]
   # NumPy's format has no bfloat16 (or other ml_dtypes): such a leaf is stored
   # as its raw bits, and its dtype's name in the record.
   foreign = [None if np.dtype(a.dtype.str) == a.dtype else a.dtype.name for a in arrays]
@@ -163,12 +181,14 @@ def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
           raise ValueError("its checksum does not match its contents")
       record = json.loads(record)
       foreign = record.pop(_FOREIGN, [None] * len(arrays))
+      impls = record.pop(_KEYS, [None] * len(arrays))
       arrays = [a if name is None else a.view(jax.numpy.dtype(name))
                 for a, name in zip(arrays, foreign)]
+      arrays = [a if impl is None else jax.random.wrap_key_data(a, impl=impl)
+                for a, impl in zip(arrays, impls)]
       for i, (a, t) in enumerate(zip(arrays, leaves)):
-        if a.shape != np.shape(t) or a.dtype != np.asarray(t).dtype:
-          raise ValueError(f"array {i} is {a.dtype}{list(a.shape)}, the state expects "
-                           f"{np.asarray(t).dtype}{list(np.shape(t))}")
+        if _spec(a) != _spec(t):
+          raise ValueError(f"array {i} is {_spec(a)}, the state expects {_spec(t)}")
       return treedef.unflatten([jax.numpy.asarray(a) for a in arrays]), record
     except Exception as e:  # noqa: BLE001 - any unreadable file means: try the previous one
       then = "Falling back to the previous checkpoint." if n else "It was the oldest one."
