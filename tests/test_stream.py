@@ -86,6 +86,43 @@ def test_chunks_with_h0_resets_and_loss_weights_sum_to_bptt(tau_b, tau_max, meth
   assert_trees_close(state.h, jaxrnn.forward(params, xs, h0=h0, resets=resets)[0], 1e-12)
 
 
+@pytest.mark.parametrize("method", ["manual", "autodiff"])
+def test_optimizers_get_the_chunks_objective(method):
+  """An optimizer that reads the objective (optax's extra arguments, as optax.lbfgs and
+  optax.contrib.reduce_on_plateau do) gets the chunk's loss and gradient, and value_fn is
+  the window's loss at other params, with the window's gradient as its jax.grad."""
+  tau_b, tau_max, hidden = 2, 3, (3, 2)
+  params, xs, targets = make_problem(12, T=3 * tau_b, B=2, hidden=hidden)
+  rng = np.random.default_rng(3)
+  delta = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.normal(size=p.shape)), params)
+  moved = optax.apply_updates(params, delta)
+
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return jnp.zeros(()), zeros, jnp.zeros(()), zeros
+
+  def update(updates, state, params=None, *, value, grad, value_fn, **extra_args):
+    return (jax.tree.map(jnp.zeros_like, updates),
+            (value, grad, *jax.value_and_grad(value_fn)(optax.apply_updates(params, delta))))
+
+  opt = optax.GradientTransformationExtraArgs(init, update)
+  stream = jaxrnn.make_tbptt_stream(opt, tau_b=tau_b, tau_max=tau_max, method=method)
+  _, records, losses, _ = _run(stream, params, xs, targets, tau_b)
+  hs = jaxrnn.forward(params, xs)[1]
+  for c, (value, grad, moved_value, moved_grad) in enumerate(records):
+    e = (c + 1) * tau_b
+    s = max(0, e - tau_max)
+    weights = (jnp.arange(s, e) >= c * tau_b).astype(xs.dtype)[:, None] * jnp.ones((1, 2))
+    kw = dict(h0=tuple(jnp.zeros((2, h)) for h in hidden) if s == 0 else
+              tuple(h[s - 1] for h in hs), loss_weights=weights)
+    want = jaxrnn.autodiff_bptt(params, xs[s:e], targets[s:e], **kw)
+    np.testing.assert_allclose([value, losses[c]], [want[0]] * 2, rtol=1e-12)
+    assert_trees_close(grad, want[1], 1e-10, err=f"chunk {c}")
+    want = jaxrnn.autodiff_bptt(moved, xs[s:e], targets[s:e], **kw)
+    np.testing.assert_allclose(moved_value, want[0], rtol=1e-12)
+    assert_trees_close(moved_grad, want[1], 1e-10, err=f"chunk {c}, moved")
+
+
 def test_chunks_may_be_nested_lists():
   """A chunk given as lists (which jit traces as lists of scalars) steps as its arrays."""
   params, xs, targets = make_problem(3, T=4, B=2, hidden=(3,))

@@ -56,6 +56,87 @@ def test_clip_norm_bounds_the_update():
   assert_trees_close(new32, new, 1e-6)
 
 
+def _plateau():
+  """Adam, then a scale that halves whenever the loss has not improved by 1e3 (never):
+  it only works if the step passes the loss to optax."""
+  return optax.chain(optax.adam(0.05), optax.contrib.reduce_on_plateau(
+      factor=0.5, patience=1, rtol=0.0, atol=1e3))
+
+
+@pytest.mark.parametrize("make", [optax.lbfgs, lambda: optax.polyak_sgd(max_learning_rate=0.5),
+                                  _plateau], ids=["lbfgs", "polyak_sgd", "reduce_on_plateau"])
+@pytest.mark.parametrize("method", ["manual", "autodiff"])
+def test_optimizers_that_read_the_objective_follow_optax_usage(make, method):
+  """optax's optimizers that need the loss (extra arguments value, grad, value_fn) train as
+  optax's documented loop does with jax.value_and_grad of jaxrnn.loss (before: a TypeError
+  about the missing keyword argument 'value')."""
+  params, xs, targets = make_problem(5, T=6, B=3, hidden=(3,))
+  opt = make()
+  objective = lambda p: jaxrnn.loss(p, xs, targets)
+  step = jaxrnn.make_train_step(opt, method=method)
+
+  @jax.jit
+  def reference(params, state):
+    value, grad = jax.value_and_grad(objective)(params)
+    updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=objective)
+    return optax.apply_updates(params, updates), state
+
+  ours, ref = (params, opt.init(params)), (params, opt.init(params))
+  with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
+    for _ in range(6):
+      ours = step(*ours, xs, targets)[:2]
+      ref = reference(*ref)
+  assert_trees_close(ours, ref, 1e-10, atol=1e-13)
+  assert objective(ours[0]) < objective(params)
+  if make is _plateau:  # the scale did come down: the loss reached the optimizer
+    assert float(optax.tree_utils.tree_get(ours[1], "scale")) < 0.1
+
+
+def _recorder(delta):
+  """Applies no update; its state records optax's extra arguments: value, grad, and
+  value_fn with its jax.grad at params + delta."""
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return jnp.zeros(()), zeros, jnp.zeros(()), zeros
+
+  def update(updates, state, params=None, *, value, grad, value_fn, **extra_args):
+    moved = optax.apply_updates(params, delta)
+    return jax.tree.map(jnp.zeros_like, updates), (value, grad,
+                                                   *jax.value_and_grad(value_fn)(moved))
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _delta(params, seed=9):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(0.1 * rng.normal(size=p.shape)), params)
+
+
+@pytest.mark.parametrize("method", ["manual", "autodiff"])
+def test_the_objective_given_to_the_optimizer_is_the_steps(method):
+  """value is the batch loss, grad its gradient before clipping, and value_fn the batch loss
+  at other params whose jax.grad is the step's own (truncated) gradient."""
+  params, xs, targets = make_problem(6, T=7, B=2, hidden=(3, 2))
+  kw = dict(tau_max=3, tau_b=2, resets=jnp.asarray(np.eye(7, 2, -3, bool)),
+            loss_weights=jnp.linspace(0.5, 1.5, 14).reshape(7, 2))
+  options = dict(method=method, tau_max=3, tau_b=2, clip_norm=1e-3)
+  delta = _delta(params)
+  opt = _recorder(delta)
+  _, (value, grad, moved_value, moved_grad), m = jaxrnn.make_train_step(opt, **options)(
+      params, opt.init(params), xs, targets, resets=kw["resets"],
+      loss_weights=kw["loss_weights"])
+  want = jaxrnn.autodiff_bptt(params, xs, targets, **kw)
+  np.testing.assert_allclose(value, want[0], rtol=1e-12)
+  assert_trees_close(grad, want[1], 1e-10)        # not clipped
+  assert float(m.grad_norm) > 1e-2
+  moved = optax.apply_updates(params, delta)
+  want = jaxrnn.autodiff_bptt(moved, xs, targets, **kw)
+  np.testing.assert_allclose(moved_value, want[0], rtol=1e-12)
+  assert_trees_close(moved_grad, want[1], 1e-10)  # the truncated gradient
+  full = jax.grad(jaxrnn.loss)(moved, xs, targets, resets=kw["resets"],
+                               loss_weights=kw["loss_weights"])
+  assert not np.allclose(moved_grad.layers[0].W_xh, full.layers[0].W_xh)
+
+
 def _exploding(T=400, dtype=jnp.float32):
   """Identity activation, w_rec = 2, long sequence: 2^400 overflows float32 (and float64)."""
   layer = jaxrnn.LayerParams(jnp.ones((1, 1), dtype), jnp.full((1, 1), 2.0, dtype),

@@ -16,6 +16,7 @@ weight on the kept steps). With fixed parameters the calls' gradients sum to
 ``jaxrnn.bptt(stream, tau_max=tau_max, tau_b=tau_b)`` on the whole stream.
 """
 
+import functools
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import jax
@@ -27,7 +28,7 @@ from jaxrnn._src import checks, sharding
 from jaxrnn._src.autodiff import full_loss
 from jaxrnn._src.bptt import manual_bptt
 from jaxrnn._src.rnn import LoopPlan, default_unroll
-from jaxrnn._src.train import check_opt_state, check_optimizer
+from jaxrnn._src.train import check_opt_state, check_optimizer, optimizer_update
 
 METHODS = ("manual", "autodiff")
 
@@ -126,7 +127,9 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
   stream's length.
 
   Args:
-    optimizer: any ``optax.GradientTransformation``.
+    optimizer: any ``optax.GradientTransformation``; one that reads the
+      objective gets the chunk's loss and gradient and its window's loss as
+      a function of params, as for :func:`jaxrnn.make_train_step`.
     tau_b: steps per chunk (one update per chunk).
     tau_max: steps the gradient reaches back (>= tau_b); None: tau_b.
     loss: ``"mse"`` or ``"xent"``.
@@ -207,11 +210,14 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
     xs, targets, resets, loss_weights = check_chunk(params, state, xs, targets, resets,
                                                     loss_weights)
     check_opt_state(optimizer, params, opt_state)
-    value, grads, state = window_grads(params, state, xs, targets, tau_b=tau_b,
-                                       tau_max=tau_max, loss=loss, method=method,
-                                       resets=resets, loss_weights=loss_weights)
+    window = functools.partial(window_grads, state=state, xs=xs, targets=targets,
+                               tau_b=tau_b, tau_max=tau_max, loss=loss, method=method,
+                               resets=resets, loss_weights=loss_weights)
+    value, grads, state = window(params)
     with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
-      updates, opt_state = optimizer.update(grads, opt_state, params)
+      updates, opt_state = optimizer_update(optimizer, grads, opt_state, params, value=value,
+                                            grad=grads,
+                                            loss_and_grads=lambda p: window(p)[:2])
       params = optax.apply_updates(params, updates)
     return params, opt_state, state, value
 

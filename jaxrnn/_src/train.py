@@ -67,6 +67,42 @@ def check_opt_state(optimizer, params, opt_state) -> None:
                        f"optimizer.init(params) gives {w.shape}. {remedy}")
 
 
+def _objective(loss_and_grads: Callable) -> Callable:
+  """``params -> loss`` whose ``jax.grad`` is the gradient ``loss_and_grads`` computes.
+
+  ``loss_and_grads(params) -> (loss, grads)`` is the step's own method (the
+  hand-written BPTT, or autodiff; truncated if the step is), so an optimizer
+  that differentiates the objective itself (``optax.lbfgs``'s line search)
+  gets the same gradient as the step.
+  """
+  @jax.custom_vjp
+  def value_fn(params):
+    return loss_and_grads(params)[0]
+
+  def value_fn_fwd(params):
+    return loss_and_grads(params)       # the gradient is the residual
+
+  def value_fn_bwd(grads, ct):
+    return (jax.tree.map(lambda g: ct.astype(g.dtype) * g, grads),)
+
+  value_fn.defvjp(value_fn_fwd, value_fn_bwd)
+  return value_fn
+
+
+def optimizer_update(optimizer, grads, opt_state, params, *, value, grad,
+                     loss_and_grads: Callable):
+  """``optimizer.update``, with optax's extra arguments for optimizers that read the objective.
+
+  ``value`` (this batch's loss), ``grad`` (its gradient, before any clipping)
+  and ``value_fn`` (the loss at other params, see :func:`_objective`) are what
+  ``optax.contrib.reduce_on_plateau``, ``optax.polyak_sgd`` and
+  ``optax.lbfgs`` take; other optimizers ignore them
+  (``optax.with_extra_args_support``), and ``value_fn`` is then never traced.
+  """
+  return optax.with_extra_args_support(optimizer).update(
+      grads, opt_state, params, value=value, grad=grad, value_fn=_objective(loss_and_grads))
+
+
 def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "manual",
                     loss: str = "mse", many_to_one: bool = False,
                     tau_max: Optional[int] = None, tau_b: Optional[int] = None,
@@ -75,7 +111,13 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
   """A jitted optax train step on ``jaxrnn.bptt`` or ``jaxrnn.autodiff_bptt``.
 
   Args:
-    optimizer: any optax GradientTransformation.
+    optimizer: any optax GradientTransformation. Those that read the
+      objective get it as optax's extra arguments: ``value`` (the batch
+      loss), ``grad`` (its gradient before clipping) and ``value_fn`` (the
+      batch loss as a function of params, whose ``jax.grad`` is this step's
+      method, truncated if the step is), so
+      ``optax.contrib.reduce_on_plateau``, ``optax.polyak_sgd`` and
+      ``optax.lbfgs`` (whose line search calls ``value_fn``) work as is.
     method: ``"manual"`` (:func:`jaxrnn.bptt`) or ``"autodiff"``
       (:func:`jaxrnn.autodiff_bptt`); the two give the same trajectory up to
       float rounding.
@@ -123,15 +165,20 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
   @jax.jit
   def step(params, opt_state, xs, targets, *, h0=None, lengths=None, loss_weights=None,
            resets=None):
-    value, grads = grad_fn(params, xs, targets, loss=loss, many_to_one=many_to_one, h0=h0,
-                           tau_max=tau_max, tau_b=tau_b, lengths=lengths,
-                           loss_weights=loss_weights, resets=resets)
+    loss_and_grads = functools.partial(
+        grad_fn, xs=xs, targets=targets, loss=loss, many_to_one=many_to_one, h0=h0,
+        tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
+        resets=resets)
+    value, grads = loss_and_grads(params)
     check_opt_state(optimizer, params, opt_state)   # after grad_fn has checked params
     with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
       grad_norm = optax.tree_utils.tree_norm(grads)
+      unclipped = grads
       if clip is not None:
         grads, _ = clip.update(grads, optax.EmptyState())
-      updates, new_opt_state = optimizer.update(grads, opt_state, params)
+      updates, new_opt_state = optimizer_update(optimizer, grads, opt_state, params,
+                                                value=value, grad=unclipped,
+                                                loss_and_grads=loss_and_grads)
       new_params = optax.apply_updates(params, updates)
     ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
