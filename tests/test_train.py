@@ -92,6 +92,29 @@ def test_optimizers_that_read_the_objective_follow_optax_usage(make, method):
     assert float(optax.tree_utils.tree_get(ours[1], "scale")) < 0.1
 
 
+@pytest.mark.parametrize("chained", [False, True])
+def test_an_optimizer_that_refuses_extra_arguments_still_trains(chained):
+  """optax.contrib.sam's update takes no **extra_args, which optax's protocol asks for: the
+  step calls it without value, grad and value_fn, alone or inside a chain."""
+  params, xs, targets = make_problem(8, T=5, B=2, hidden=(3,))
+  opt = optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), sync_period=2)
+  if chained:
+    opt = optax.chain(optax.clip(1.0), opt)
+
+  @jax.jit
+  def reference(params, state):
+    updates, state = opt.update(jax.grad(jaxrnn.loss)(params, xs, targets), state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jaxrnn.make_train_step(opt)
+  ours, ref = (params, opt.init(params)), (params, opt.init(params))
+  with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
+    for _ in range(4):
+      ours = step(*ours, xs, targets)[:2]
+      ref = reference(*ref)
+  assert_trees_close(ours, ref, 1e-10, atol=1e-13)
+
+
 def _recorder(delta):
   """Applies no update; its state records optax's extra arguments: value, grad, and
   value_fn with its jax.grad at params + delta."""

@@ -98,9 +98,17 @@ def optimizer_update(optimizer, grads, opt_state, params, *, value, grad,
   ``optax.contrib.reduce_on_plateau``, ``optax.polyak_sgd`` and
   ``optax.lbfgs`` take; other optimizers ignore them
   (``optax.with_extra_args_support``), and ``value_fn`` is then never traced.
+  One that refuses unknown extra arguments, against optax's protocol
+  (``optax.contrib.sam``, also inside a chain), is called without them.
   """
-  return optax.with_extra_args_support(optimizer).update(
-      grads, opt_state, params, value=value, grad=grad, value_fn=_objective(loss_and_grads))
+  extra_args = dict(value=value, grad=grad, value_fn=_objective(loss_and_grads))
+  try:
+    return optax.with_extra_args_support(optimizer).update(grads, opt_state, params,
+                                                           **extra_args)
+  except TypeError as e:
+    if "unexpected keyword argument" not in str(e):
+      raise
+  return optimizer.update(grads, opt_state, params)
 
 
 def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "manual",
