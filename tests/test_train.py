@@ -94,10 +94,13 @@ def test_optimizers_that_read_the_objective_follow_optax_usage(make, method):
 
 @pytest.mark.parametrize("chained", [False, True])
 def test_an_optimizer_that_refuses_extra_arguments_still_trains(chained):
-  """optax.contrib.sam's update takes no **extra_args, which optax's protocol asks for: the
-  step calls it without value, grad and value_fn, alone or inside a chain."""
+  """An update that takes no **extra_args, which optax's protocol asks for (as
+  optax.contrib.sam's): the step calls it without value, grad and value_fn, alone or inside
+  a chain."""
   params, xs, targets = make_problem(8, T=5, B=2, hidden=(3,))
-  opt = optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), sync_period=2)
+  adam = optax.adam(0.1)
+  opt = optax.GradientTransformationExtraArgs(
+      adam.init, lambda updates, state, params=None: adam.update(updates, state, params))
   if chained:
     opt = optax.chain(optax.clip(1.0), opt)
 
