@@ -6,6 +6,7 @@ from typing import Dict, List, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import jaxrnn
 
@@ -129,3 +130,22 @@ def option_kwargs(opt, hidden, seed, dtype=jnp.float64):
   if "lengths" in kw:
     kw["lengths"] = jnp.asarray(kw["lengths"])
   return kw
+
+
+def objective_recorder(params, seed=9):
+  """``(optimizer, moved)``: an optax transformation that applies no update and keeps in
+  its state the extra arguments it was given, ``(value, grad, value_fn(moved),
+  jax.grad(value_fn)(moved))``, with ``moved`` = params plus a random displacement."""
+  rng = np.random.default_rng(seed)
+  delta = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.normal(size=p.shape)), params)
+
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return jnp.zeros(()), zeros, jnp.zeros(()), zeros
+
+  def update(updates, state, params=None, *, value, grad, value_fn, **extra_args):
+    moved = optax.apply_updates(params, delta)
+    return jax.tree.map(jnp.zeros_like, updates), (value, grad,
+                                                   *jax.value_and_grad(value_fn)(moved))
+  return (optax.GradientTransformationExtraArgs(init, update),
+          optax.apply_updates(params, delta))

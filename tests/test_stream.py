@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jaxrnn
-from helpers import assert_trees_close, make_problem
+from helpers import assert_trees_close, make_problem, objective_recorder
 
 
 def capture():
@@ -93,19 +93,7 @@ def test_optimizers_get_the_chunks_objective(method):
   the window's loss at other params, with the window's gradient as its jax.grad."""
   tau_b, tau_max, hidden = 2, 3, (3, 2)
   params, xs, targets = make_problem(12, T=3 * tau_b, B=2, hidden=hidden)
-  rng = np.random.default_rng(3)
-  delta = jax.tree.map(lambda p: jnp.asarray(0.1 * rng.normal(size=p.shape)), params)
-  moved = optax.apply_updates(params, delta)
-
-  def init(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return jnp.zeros(()), zeros, jnp.zeros(()), zeros
-
-  def update(updates, state, params=None, *, value, grad, value_fn, **extra_args):
-    return (jax.tree.map(jnp.zeros_like, updates),
-            (value, grad, *jax.value_and_grad(value_fn)(optax.apply_updates(params, delta))))
-
-  opt = optax.GradientTransformationExtraArgs(init, update)
+  opt, moved = objective_recorder(params)
   stream = jaxrnn.make_tbptt_stream(opt, tau_b=tau_b, tau_max=tau_max, method=method)
   _, records, losses, _ = _run(stream, params, xs, targets, tau_b)
   hs = jaxrnn.forward(params, xs)[1]

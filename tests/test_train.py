@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jaxrnn
-from helpers import assert_trees_close, make_problem
+from helpers import assert_trees_close, make_problem, objective_recorder
 
 
 def _fit(method, params, xs, targets, steps=15, manual_kw=None, **kw):
@@ -56,6 +56,18 @@ def test_clip_norm_bounds_the_update():
   assert_trees_close(new32, new, 1e-6)
 
 
+def _follow(step, reference, state, xs, targets, steps):
+  """Runs the train step and ``reference(params, opt_state)`` from the same ``state``;
+  asserts that they stay together (rtol 1e-10); returns the step's final state."""
+  ours = ref = state
+  with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
+    for _ in range(steps):
+      ours = step(*ours, xs, targets)[:2]
+      ref = reference(*ref)
+  assert_trees_close(ours, ref, 1e-10, atol=1e-13)
+  return ours
+
+
 def _plateau():
   """Adam, then a scale that halves whenever the loss has not improved by 1e3 (never):
   it only works if the step passes the loss to optax."""
@@ -81,12 +93,7 @@ def test_optimizers_that_read_the_objective_follow_optax_usage(make):
     updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=objective)
     return optax.apply_updates(params, updates), state
 
-  ours, ref = (params, opt.init(params)), (params, opt.init(params))
-  with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
-    for _ in range(6):
-      ours = step(*ours, xs, targets)[:2]
-      ref = reference(*ref)
-  assert_trees_close(ours, ref, 1e-10, atol=1e-13)
+  ours = _follow(step, reference, (params, opt.init(params)), xs, targets, steps=6)
   assert objective(ours[0]) < objective(params)
   if make is _plateau:  # the scale did come down: the loss reached the optimizer
     assert float(optax.tree_utils.tree_get(ours[1], "scale")) < 0.1
@@ -109,32 +116,8 @@ def test_an_optimizer_that_refuses_extra_arguments_still_trains(chained):
     updates, state = opt.update(jax.grad(jaxrnn.loss)(params, xs, targets), state, params)
     return optax.apply_updates(params, updates), state
 
-  step = jaxrnn.make_train_step(opt)
-  ours, ref = (params, opt.init(params)), (params, opt.init(params))
-  with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
-    for _ in range(4):
-      ours = step(*ours, xs, targets)[:2]
-      ref = reference(*ref)
-  assert_trees_close(ours, ref, 1e-10, atol=1e-13)
-
-
-def _recorder(delta):
-  """Applies no update; its state records optax's extra arguments: value, grad, and
-  value_fn with its jax.grad at params + delta."""
-  def init(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return jnp.zeros(()), zeros, jnp.zeros(()), zeros
-
-  def update(updates, state, params=None, *, value, grad, value_fn, **extra_args):
-    moved = optax.apply_updates(params, delta)
-    return jax.tree.map(jnp.zeros_like, updates), (value, grad,
-                                                   *jax.value_and_grad(value_fn)(moved))
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
-def _delta(params, seed=9):
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda p: jnp.asarray(0.1 * rng.normal(size=p.shape)), params)
+  _follow(jaxrnn.make_train_step(opt), reference, (params, opt.init(params)), xs, targets,
+          steps=4)
 
 
 @pytest.mark.parametrize("method", ["manual", "autodiff"])
@@ -145,8 +128,7 @@ def test_the_objective_given_to_the_optimizer_is_the_steps(method):
   kw = dict(tau_max=3, tau_b=2, resets=jnp.asarray(np.eye(7, 2, -3, bool)),
             loss_weights=jnp.linspace(0.5, 1.5, 14).reshape(7, 2))
   options = dict(method=method, tau_max=3, tau_b=2, clip_norm=1e-3)
-  delta = _delta(params)
-  opt = _recorder(delta)
+  opt, moved = objective_recorder(params)
   _, (value, grad, moved_value, moved_grad), m = jaxrnn.make_train_step(opt, **options)(
       params, opt.init(params), xs, targets, resets=kw["resets"],
       loss_weights=kw["loss_weights"])
@@ -154,7 +136,6 @@ def test_the_objective_given_to_the_optimizer_is_the_steps(method):
   np.testing.assert_allclose(value, want[0], rtol=1e-12)
   assert_trees_close(grad, want[1], 1e-10)        # not clipped
   assert float(m.grad_norm) > 1e-2
-  moved = optax.apply_updates(params, delta)
   want = jaxrnn.autodiff_bptt(moved, xs, targets, **kw)
   np.testing.assert_allclose(moved_value, want[0], rtol=1e-12)
   assert_trees_close(moved_grad, want[1], 1e-10)  # the truncated gradient
