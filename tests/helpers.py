@@ -1,6 +1,7 @@
 """Shared test helpers: random problems, tree comparison, pairwise designs."""
 
 import itertools
+import warnings
 from typing import Dict, List, Sequence
 
 import jax
@@ -149,3 +150,16 @@ def objective_recorder(params, seed=9):
                                                    *jax.value_and_grad(value_fn)(moved))
   return (optax.GradientTransformationExtraArgs(init, update),
           optax.apply_updates(params, delta))
+
+
+def call_donating(f, args, donate_argnums):
+  """``(result, donated)``: ``jax.jit(f, donate_argnums=...)`` called on ``args``, with
+  copies of the donated ones (returned as ``donated``, to check which were deleted).
+  JAX warns about a donated buffer that XLA could not reuse; here that is an error."""
+  args = list(args)
+  donated = [jax.tree.map(jnp.copy, args[i]) for i in donate_argnums]
+  for i, copy in zip(donate_argnums, donated):
+    args[i] = copy
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", "Some donated buffers were not usable")
+    return jax.jit(f, donate_argnums=donate_argnums)(*args), donated

@@ -142,7 +142,9 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
     ``step(params, opt_state, xs, targets, *, h0=None, lengths=None,
     loss_weights=None, resets=None) -> (params, opt_state, StepMetrics)``.
     A step whose loss or gradient is not finite returns ``params`` and
-    ``opt_state`` unchanged with ``metrics.skipped`` True.
+    ``opt_state`` unchanged with ``metrics.skipped`` True. The step donates
+    nothing, so the arrays passed in stay valid; to let XLA reuse their
+    buffers for the results, wrap it: ``jax.jit(step, donate_argnums=(0, 1))``.
   """
   check_optimizer(optimizer)
   if method not in GRAD_METHODS:
