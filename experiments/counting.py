@@ -36,7 +36,9 @@ class Config:
   steps: int = 500
   rprop_lr: float = 0.01            # rprop's initial step size
   adam_lr: float = 0.05
-  sgd_lr: float = 1e-5              # larger rates diverge at w_rec = 2 (gradient ~ 2^10)
+  sgd_lr: float = 1e-6              # the wall at w_rec = 2 is steep (gradient ~ 4e6):
+  # 1e-6 jumps it into the flat region and stalls; 3e-6 and up overflow (see sgd_sweep)
+  sgd_sweep: Tuple[float, ...] = (1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 3e-8, 1e-8)  # SGD's other runs
   test_length: int = 12
   grid: int = 121                   # loss-surface resolution over [-3, 3]^2
   dtype: str = "float32"
@@ -45,13 +47,13 @@ class Config:
 
   def __post_init__(self):
     check_config(self, positive=("n_sequences", "length", "steps", "test_length", "grid"),
-                 non_negative=("rprop_lr", "adam_lr", "sgd_lr"),
+                 non_negative=("rprop_lr", "adam_lr", "sgd_lr", "sgd_sweep"),
                  choices=dict(grad=GRADS, dtype=DTYPES))
     if self.grid < 2:  # the loss surface is drawn as contours: at least 2 x 2 points
       raise ValueError(f"--grid must be >= 2; got {self.grid}.")
 
 
-SMOKE = Config(steps=20, grid=21, smoke=True)
+SMOKE = Config(steps=20, grid=21, sgd_sweep=(1e-5, 1e-6), smoke=True)
 GRAD_POINTS = ((1.0, 2.0), (1.0, 0.5), (1.0, 1.0), (1.0, -2.0))
 
 
@@ -76,9 +78,7 @@ def run(cfg: Config):
   ys = xs.sum(0)                                                 # [B, 1]
   batch = dict(xs=xs, targets=ys)
 
-  runs = {}
-  for name, opt in [("rprop", optax.rprop(cfg.rprop_lr)), ("adam", optax.adam(cfg.adam_lr)),
-                    ("sgd", optax.sgd(cfg.sgd_lr))]:
+  def train(opt):
     tx = two_parameter(opt)
     step = jaxrnn.make_train_step(tx, method=cfg.grad, loss="mse", many_to_one=True)
     params = make_params(*cfg.start, dtype)
@@ -93,8 +93,23 @@ def run(cfg: Config):
       layer = params.layers[0]
       path.append((float(layer.W_xh[0, 0]), float(layer.W_hh[0, 0])))
       losses.append(float(m.loss))
-    runs[name] = dict(path=path, loss=losses, w_x=path[-1][0], w_rec=path[-1][1],
-                      skipped_steps=skipped)
+    return dict(path=path, loss=losses, w_x=path[-1][0], w_rec=path[-1][1],
+                skipped_steps=skipped)
+
+  runs = {name: train(opt) for name, opt in [
+      ("rprop", optax.rprop(cfg.rprop_lr)), ("adam", optax.adam(cfg.adam_lr)),
+      ("sgd", optax.sgd(cfg.sgd_lr))]}
+  # SGD at other rates too: none reaches (1, 1). The loss at its last parameters is
+  # None where it overflows (the steps from there were skipped).
+  def end_loss(r):
+    loss = float(jaxrnn.loss(make_params(r["w_x"], r["w_rec"], dtype), xs, ys, many_to_one=True))
+    return loss if math.isfinite(loss) else None
+
+  sgd_sweep = {}
+  for lr in cfg.sgd_sweep:
+    r = runs["sgd"] if lr == cfg.sgd_lr else train(optax.sgd(lr))
+    sgd_sweep[f"{lr:g}"] = dict(final_params=(r["w_x"], r["w_rec"]), end_loss=end_loss(r),
+                                skipped_steps=r["skipped_steps"])
 
   # Loss surface over [-3, 3]^2.
   w = jnp.linspace(-3.0, 3.0, cfg.grid, dtype=dtype)
@@ -124,6 +139,7 @@ def run(cfg: Config):
       final_loss={k: r["loss"][-1] if r["loss"] else None for k, r in runs.items()},
       skipped_steps={k: r["skipped_steps"] for k, r in runs.items()},  # non-finite loss
       final_params={k: (r["w_x"], r["w_rec"]) for k, r in runs.items()},
+      sgd_sweep=sgd_sweep,
       distance_to_solution=math.hypot(runs["rprop"]["w_x"] - 1, runs["rprop"]["w_rec"] - 1),
       test_sequence=np.asarray(test_x[:, 0, 0]).astype(int).tolist(),
       test_count=counted, test_true_count=true_count, test_error=abs(counted - true_count),
@@ -149,8 +165,12 @@ def plot(path, metrics, runs, w, surface):
   ax.set(xlabel="w_x", ylabel="w_rec", title="loss surface and optimiser paths",
          xlim=(-3, 3), ylim=(-3, 3))
   ax.legend(loc="lower left", fontsize=8)
-  for key, norms in metrics["grad_norm_by_step"].items():
-    ax2.semilogy(range(len(norms)), norms, "o-", label=f"(w_x, w_rec) = ({key})")
+  # distinct markers and dashes: w_rec = 2 and -2 give the same norms, one curve on the other
+  styles = [("o", "-", 8), ("s", "--", 5), ("^", "-.", 6), ("x", ":", 8)]
+  for (key, norms), (marker, ls, ms) in zip(metrics["grad_norm_by_step"].items(),
+                                            styles * len(metrics["grad_norm_by_step"])):
+    ax2.semilogy(range(len(norms)), norms, marker=marker, ls=ls, ms=ms, mfc="none",
+                 label=f"(w_x, w_rec) = ({key})")
   ax2.set(xlabel="time step k", ylabel="‖∂L/∂s_k‖ over the batch",
           title="gradient through time, unit error at the last step")
   ax2.legend(fontsize=8)
@@ -171,6 +191,10 @@ def main(argv=None):
         f"(loss {'not finite at any step' if final is None else f'{final:.2e}'}); "
         f"adam: {metrics['final_params']['adam']}, "
         f"sgd: {metrics['final_params']['sgd']}")
+  sweep = {lr: "overflows" if r["end_loss"] is None else f"{r['end_loss']:.3g}"
+           for lr, r in metrics["sgd_sweep"].items()}
+  print("sgd's loss at the end, by learning rate: "
+        + ", ".join(f"{k}: {v}" for k, v in sweep.items()))
   print(f"test sequence of {cfg.test_length} bits: counted {metrics['test_count']:.4f}, "
         f"true {metrics['test_true_count']:.0f}")
   print(f"targets: {metrics['targets']}; results in {out}")

@@ -28,6 +28,10 @@ TITLES = {
 }
 
 
+def _loss(value):
+  return "not finite" if value is None else f"{value:.3g}"
+
+
 def summary(name, m):
   """Key numbers of an experiment, one line each."""
   if name == "counting":
@@ -36,7 +40,13 @@ def summary(name, m):
             f"{m['config']['test_length']}-bit test sequence: counted {m['test_count']:.4f}, "
             f"true {m['test_true_count']:.0f} (target: within 0.05)",
             f"for contrast, Adam ends at {tuple(round(v, 3) for v in m['final_params']['adam'])} "
-            f"and SGD at {tuple(round(v, 3) for v in m['final_params']['sgd'])}"]
+            f"and SGD (learning rate {m['config']['sgd_lr']:g}) at "
+            f"{tuple(round(v, 3) for v in m['final_params']['sgd'])}",
+            f"SGD's loss after {m['config']['steps']} steps, by learning rate (rprop's: "
+            f"{_loss(m['final_loss']['rprop'])}): " + ", ".join(
+                f"{lr}: {_loss(r['end_loss'])}"
+                + (f" ({r['skipped_steps']} steps skipped)" if r["skipped_steps"] else "")
+                for lr, r in m["sgd_sweep"].items())]
   if name == "bitsum":
     lines = [f"{k}: test RMSE {r['test_rmse']:.4f} (target < 0.1); a single 1 predicted as "
              f"{r['single_one_prediction']:.3f}" for k, r in m["results"].items()]

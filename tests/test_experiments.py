@@ -117,6 +117,12 @@ def test_full_config_meets_its_targets(name, full_runs):
   if name == "counting":  # the reading of the target, spelled out
     assert abs(metrics["w_x"] - 1) < 1e-2 and abs(metrics["w_rec"] - 1) < 1e-2
     assert abs(metrics["test_count"] - metrics["test_true_count"]) < 0.05
+    # the contrast it draws: SGD ends far from (1, 1) at every rate it tries
+    sweep = metrics["sgd_sweep"]
+    assert set(sweep) == {f"{lr:g}" for lr in metrics["config"]["sgd_sweep"]}
+    assert len(sweep) == 7 and f"{metrics['config']['sgd_lr']:g}" in sweep
+    assert all(np.hypot(r["final_params"][0] - 1, r["final_params"][1] - 1) > 0.5
+               for r in sweep.values()), sweep
 
 
 @pytest.mark.parametrize("name,args,words", [
