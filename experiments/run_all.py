@@ -56,7 +56,12 @@ def summary(name, m):
     return lines
   if name == "sine":
     return [f"closed-loop generation RMSE against the clean sine: {m['generation_rmse']:.4f} "
-            f"(target < 0.1)", f"one-step RMSE: {m['one_step_rmse_vs_clean']:.4f}"]
+            f"(target < 0.1); against the noisy training points "
+            f"{m['generation_rmse_vs_noisy']:.4f} (the noise's standard deviation: "
+            f"{m['config']['noise']:g})",
+            f"75 more steps past the training data (t > 4π): RMSE "
+            f"{m['beyond_training_rmse']:.4f} against the sine",
+            f"one-step RMSE: {m['one_step_rmse_vs_clean']:.4f}"]
   if name == "charlm":
     return [f"held-out {m['heldout_bits_per_char']:.3f} bits/char vs bigram "
             f"{m['bigram_bits_per_char']:.3f} and unigram {m['unigram_bits_per_char']:.3f} "
