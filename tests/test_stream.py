@@ -139,9 +139,9 @@ def test_manual_and_autodiff_streams_train_identically():
 @pytest.mark.parametrize("method", ["manual", "autodiff"])
 def test_the_step_can_donate_its_arguments(method):
   """As its docstring says: wrapped in a jit that donates params, opt_state and state, the
-  stream runs the same, bit for bit, and XLA reuses the buffers it reads (params, the
-  optimizer's state, the kept inputs; JAX drops the arguments a step does not read, such
-  as the last state, which the next window recomputes, and keeps them)."""
+  stream runs the same, bit for bit, and XLA reuses the buffers it reads: params, the
+  optimizer's state, the kept inputs. (An argument the step does not read is not donated
+  and stays valid: the last state, which the next window recomputes.)"""
   params, xs, targets = make_problem(4, T=6, B=2, hidden=(3, 2))
   stream = jaxrnn.make_tbptt_stream(optax.adam(0.1), tau_b=3, tau_max=5, method=method)
   carried = (params, *stream.init(params, 2))
