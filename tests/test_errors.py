@@ -96,6 +96,12 @@ def test_return_dh0_must_be_a_bool(fn):
     (dict(hidden_sizes=(4, 0)), ["hidden_sizes[1]", "0"]),
     (dict(hidden_sizes=(4,), activation="softplus"), ["activation", "'softplus'"]),
     (dict(hidden_sizes=(4,), output_size=-1), ["output_size", "-1"]),
+    # not an int nor a sequence of them (a float, a 0-d array, a string, None): named,
+    # instead of Python's "not iterable"
+    (dict(hidden_sizes=4.0), ["hidden_sizes", "positive int or a sequence", "4.0 (float)"]),
+    (dict(hidden_sizes=np.array(4)), ["hidden_sizes", "array(4) (ndarray)"]),
+    (dict(hidden_sizes="16"), ["hidden_sizes", "'16' (str)"]),
+    (dict(hidden_sizes=None), ["hidden_sizes", "None (NoneType)"]),
 ])
 def test_bad_init(kwargs, words):
   with pytest.raises(ValueError) as info:

@@ -10,7 +10,7 @@ Row-vector convention, layer ``l = 1..L`` at step ``t``::
 import functools
 import numbers
 import warnings
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,10 @@ def init_params(
                     f"{np.shape(key)}.")
   if isinstance(hidden_sizes, numbers.Integral):
     hidden_sizes = (hidden_sizes,)
+  elif (isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, Iterable)
+        or getattr(hidden_sizes, "ndim", None) == 0):   # a float, None, a 0-d array
+    raise ValueError(f"hidden_sizes must be a positive int or a sequence of them; "
+                     f"got {hidden_sizes!r} ({type(hidden_sizes).__name__}).")
   hidden_sizes = tuple(hidden_sizes)
   if not hidden_sizes:
     raise ValueError("hidden_sizes must name at least one layer; got ().")
