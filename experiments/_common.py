@@ -3,12 +3,15 @@
 import argparse
 import ast
 import dataclasses
+import inspect
 import json
 import math
 import os
 import pathlib
+import re
 import statistics
 import time
+import tokenize
 import typing
 from typing import Any, Callable, Dict, Sequence, Type, TypeVar
 
@@ -29,16 +32,20 @@ def parse_config(cls: Type[C], argv: Sequence[str] | None = None, smoke: C | Non
   parser = argparse.ArgumentParser(description=cls.__doc__)
   parser.add_argument("--smoke", action="store_true", help="tiny run, for the tests")
   fields = [f for f in dataclasses.fields(cls) if f.name != "smoke"]  # --smoke sets it
+  comments = field_comments(cls)
   for f in fields:
     kind = f.type if isinstance(f.type, type) else type(f.default)
+    simple = kind in (bool, int, float, str)
+    default = f"(default {f.default if simple else repr(f.default)})"
+    helptext = f"{comments[f.name]} {default}" if f.name in comments else default
+    helptext = helptext.replace("%", "%%")       # argparse formats help with %
     if kind is bool:
-      parser.add_argument(f"--{f.name}", type=_boolean, default=None,
-                          help=f"(default {f.default})")
-    elif kind in (int, float, str):
-      parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
+      parser.add_argument(f"--{f.name}", type=_boolean, default=None, help=helptext)
+    elif simple:
+      parser.add_argument(f"--{f.name}", type=kind, default=None, help=helptext)
     else:  # tuples and optionals: a Python literal like the default
       parser.add_argument(f"--{f.name}", type=_literal_like(f.default, f.type), default=None,
-                          help=f"(default {f.default!r})")
+                          help=helptext)
   args = parser.parse_args(argv)
   base = smoke if (args.smoke and smoke is not None) else cls()
   overrides = {f.name: getattr(args, f.name) for f in fields
@@ -47,6 +54,34 @@ def parse_config(cls: Type[C], argv: Sequence[str] | None = None, smoke: C | Non
     return dataclasses.replace(base, **overrides)
   except ValueError as e:  # a config's own checks (__post_init__): a usage error
     parser.error(str(e))
+
+
+def field_comments(cls) -> Dict[str, str]:
+  """Each field's comments in the dataclass's source, for ``--help``: the comment lines
+  right above the field, then the comment at the end of its line."""
+  try:
+    lines = inspect.getsource(cls).splitlines()
+  except (OSError, TypeError):  # no source (an interactive session, say)
+    return {}
+  comment = {}                  # line index -> (text, whether the line is only a comment)
+  for tok in tokenize.generate_tokens(iter(line + "\n" for line in lines).__next__):
+    if tok.type == tokenize.COMMENT:
+      comment[tok.start[0] - 1] = (tok.string.lstrip("#").strip(),
+                                   tok.line.lstrip().startswith("#"))
+  names = {f.name for f in dataclasses.fields(cls)}
+  found = {}
+  for i, line in enumerate(lines):
+    m = re.match(r"\s+(\w+)\s*:", line)
+    if m is None or m[1] not in names or comment.get(i, ("", False))[1]:
+      continue
+    above, j = [], i - 1
+    while comment.get(j, ("", False))[1]:
+      above.insert(0, comment[j][0])
+      j -= 1
+    text = " ".join(above + ([comment[i][0]] if i in comment else []))
+    if text:
+      found[m[1]] = text
+  return found
 
 
 def _boolean(text: str) -> bool:

@@ -36,8 +36,9 @@ class Config:
   steps: int = 500
   rprop_lr: float = 0.01            # rprop's initial step size
   adam_lr: float = 0.05
-  sgd_lr: float = 1e-6              # the wall at w_rec = 2 is steep (gradient ~ 4e6):
-  # 1e-6 jumps it into the flat region and stalls; 3e-6 and up overflow (see sgd_sweep)
+  # The wall at w_rec = 2 is steep (gradient ~ 4e6): 1e-6 jumps it into the flat
+  # region and stalls; 3e-6 and up overflow (see sgd_sweep).
+  sgd_lr: float = 1e-6
   sgd_sweep: Tuple[float, ...] = (1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 3e-8, 1e-8)  # SGD's other runs
   test_length: int = 12
   grid: int = 121                   # loss-surface resolution over [-3, 3]^2

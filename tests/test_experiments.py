@@ -166,6 +166,32 @@ def test_bad_overrides_are_usage_errors(name, args, words, capsys):
   assert words in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", SCRIPTS + ("compare_gradients", "bench", "profile_ops"))
+def test_help_shows_each_options_comment(name, capsys):
+  """--help prints every option with the comments the config's source gives it (above the
+  field and at the end of its line) and its default. A '%' in a comment once made argparse
+  fail on --help (sine's and bitsum's 'decay to 1% of it')."""
+  import dataclasses
+  import importlib
+  from _common import field_comments
+  module = importlib.import_module(name)
+  with pytest.raises(SystemExit) as info:
+    module.parse_config(module.Config, ["--help"])
+  assert info.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())      # argparse wraps lines
+  comments = field_comments(module.Config)
+  for f in dataclasses.fields(module.Config):
+    if f.name != "smoke":
+      assert f"--{f.name} {f.name.upper()}" in text, f.name
+    if f.name in comments:
+      assert " ".join(comments[f.name].split()) in text, f.name
+  expected = {"counting": ("grad", "manual | autodiff"),
+              "bench": ("precision", 'float32 matrix products: "default" leaves each library')}
+  if name in expected:                                   # a trailing and a leading comment
+    field, words = expected[name]
+    assert comments[field].startswith(words)
+
+
 def test_charlm_names_a_corpus_too_small_for_its_streams(tmp_path, monkeypatch):
   """The config's bound is met, but this Python's stdlib holds less text than asked for:
   a ValueError naming the sizes, not a division by zero or a NaN held-out score."""
