@@ -41,6 +41,8 @@ class Case:
   many_to_one: bool = False
   tau_max: Optional[int] = None
   tau_b: Optional[int] = None
+  ragged: bool = False                     # random lengths, resets and loss weights
+  checkpoint_every: Optional[int] = None   # bptt's memory-efficient mode (manual side only)
 
 
 CASES = (
@@ -52,8 +54,12 @@ CASES = (
     Case("tanh per-output tau_max=5", 40, 8, 4, (32,), 3, tau_max=5, tau_b=1),
     Case("tanh 2 layers tau_b=5 tau_max=15 xent", 100, 8, 4, (24, 16), 5, loss="xent",
          tau_max=15, tau_b=5),
+    Case("tanh lengths, resets, loss weights", 100, 8, 4, (32,), 3, ragged=True),
+    Case("tanh 2 layers checkpoint_every=10", 100, 8, 4, (24, 16), 3, checkpoint_every=10),
 )
-SMOKE_CASES = tuple(dataclasses.replace(c, T=min(c.T, 12), B=min(c.B, 3)) for c in CASES[1::3])
+# xent many-to-one, truncated, ragged and checkpointed: short, so they compile fast
+SMOKE_CASES = tuple(dataclasses.replace(c, T=min(c.T, 12), B=min(c.B, 3))
+                    for c in (CASES[1], CASES[4], CASES[7], CASES[8]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +87,10 @@ def _problem(case: Case, dtype, seed: int):
     targets = jnp.asarray(rng.integers(0, out, size=lead), jnp.int32)
   kw = dict(loss=case.loss, many_to_one=case.many_to_one, tau_max=case.tau_max,
             tau_b=case.tau_b)
+  if case.ragged:  # sequences of T/2..T steps, a reset in 2% of steps, weights in [0, 1)
+    kw.update(lengths=jnp.asarray(rng.integers(case.T // 2, case.T + 1, size=case.B)),
+              resets=jnp.asarray(rng.random((case.T, case.B)) < 0.02),
+              loss_weights=jnp.asarray(rng.random((case.T, case.B)), dtype))
   return params, xs, targets, kw
 
 
@@ -123,13 +133,14 @@ def run(cfg: Config):
   rows = []
   for case in cases:
     params, xs, targets, kw = _problem(case, jnp.float64, cfg.seed)
-    loss_m, grads_m = jaxrnn.bptt(params, xs, targets, **kw)
+    manual_kw = dict(kw, checkpoint_every=case.checkpoint_every)
+    loss_m, grads_m = jaxrnn.bptt(params, xs, targets, **manual_kw)
     loss_a, grads_a = jaxrnn.autodiff_bptt(params, xs, targets, **kw)
     errors = _rel_errors(grads_m, grads_a)
     errors["loss"] = float(abs(loss_m - loss_a) / abs(loss_a))
     p32, x32, t32 = jax.tree.map(
         lambda a: a.astype(jnp.float32) if a.dtype == jnp.float64 else a, (params, xs, targets))
-    manual = jax.jit(lambda p, x, y: jaxrnn.bptt(p, x, y, **kw))
+    manual = jax.jit(lambda p, x, y: jaxrnn.bptt(p, x, y, **manual_kw))
     auto = jax.jit(lambda p, x, y: jaxrnn.autodiff_bptt(p, x, y, **kw))
     times, ratios = time_interleaved({"manual": lambda: manual(p32, x32, t32),
                                       "autodiff": lambda: auto(p32, x32, t32)},

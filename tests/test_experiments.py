@@ -59,7 +59,10 @@ def test_compare_gradients_smoke(tmp_path):
   import compare_gradients
   rows = compare_gradients.main(["--smoke", "--out", str(tmp_path)])
   metrics = json.loads((tmp_path / "metrics.json").read_text())
-  assert len(metrics["rows"]) == len(rows) >= 3  # a plain, a truncated case, finite differences
+  assert len(metrics["rows"]) == len(rows) == 5  # 4 cases (below), finite differences
+  assert [r["case"]["tau_max"] is not None for r in rows[:-1]] == [False, True, False, False]
+  assert [r["case"]["ragged"] for r in rows[:-1]] == [False, False, True, False]
+  assert [r["case"]["checkpoint_every"] for r in rows[:-1]] == [None, None, None, 10]
   for r in rows[:-1]:
     assert max(r["rel_error_vs_autodiff"].values()) < 1e-10
     assert np.isfinite(r["time_manual_s"]) and np.isfinite(r["time_autodiff_s"])
