@@ -11,7 +11,7 @@ and the last character of a file is not asked to predict the next file
 (``loss_weights``). Reports held-out bits per character beside unigram and
 bigram baselines computed on the same split, prints samples, plots the loss.
 
-    python experiments/charlm.py [--grad autodiff] [--smoke]    # default: ~4 min on 2 CPU cores
+    python experiments/charlm.py [--grad autodiff] [--smoke]    # default: 65-71 s of training on 2 CPU cores
 """
 
 import dataclasses
@@ -43,7 +43,7 @@ class Config:
   tau_b: int = 25               # characters per update
   tau_max: int = 25             # characters the gradient reaches back
   streams: int = 32             # B parallel streams through the training text
-  steps: int = 20000            # updates (20000 × 25 × 32 = 16M characters, ~4 min on 2 cores)
+  steps: int = 20000            # updates (20000 × 25 × 32 = 16M characters, ~70 s on 2 cores)
   lr: float = 2e-3
   clip_norm: float = 5.0
   train_chars: int = 6_000_000  # at most this much training text
