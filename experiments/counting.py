@@ -79,11 +79,17 @@ def run(cfg: Config):
   ys = xs.sum(0)                                                 # [B, 1]
   batch = dict(xs=xs, targets=ys)
 
-  def train(opt):
+  def train(opt, **hyperparams):
+    """One optimiser's path from cfg.start; ``hyperparams`` are set in its initial state
+    (``optax.inject_hyperparams``), so one compiled step serves every value."""
     tx = two_parameter(opt)
-    step = jaxrnn.make_train_step(tx, method=cfg.grad, loss="mse", many_to_one=True)
+    step = steps.setdefault(id(opt), jaxrnn.make_train_step(
+        tx, method=cfg.grad, loss="mse", many_to_one=True))
     params = make_params(*cfg.start, dtype)
     opt_state = tx.init(params)
+    if hyperparams:
+      opt_state = optax.tree_utils.tree_set(
+          opt_state, **{k: jnp.asarray(v, dtype) for k, v in hyperparams.items()})
     path = [cfg.start]
     losses, skipped = [], 0
     for i in range(cfg.steps):  # a Python loop to record the path
@@ -97,18 +103,19 @@ def run(cfg: Config):
     return dict(path=path, loss=losses, w_x=path[-1][0], w_rec=path[-1][1],
                 skipped_steps=skipped)
 
+  steps = {}   # one train step per optimiser
+  sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=cfg.sgd_lr)
   runs = {name: train(opt) for name, opt in [
-      ("rprop", optax.rprop(cfg.rprop_lr)), ("adam", optax.adam(cfg.adam_lr)),
-      ("sgd", optax.sgd(cfg.sgd_lr))]}
-  # SGD at other rates too: none reaches (1, 1). The loss at its last parameters is
-  # None where it overflows (the steps from there were skipped).
+      ("rprop", optax.rprop(cfg.rprop_lr)), ("adam", optax.adam(cfg.adam_lr)), ("sgd", sgd)]}
+  # SGD at other rates too (the same compiled step): none reaches (1, 1). The loss at
+  # its last parameters is None where it overflows (the steps from there were skipped).
   def end_loss(r):
     loss = float(jaxrnn.loss(make_params(r["w_x"], r["w_rec"], dtype), xs, ys, many_to_one=True))
     return loss if math.isfinite(loss) else None
 
   sgd_sweep = {}
   for lr in cfg.sgd_sweep:
-    r = runs["sgd"] if lr == cfg.sgd_lr else train(optax.sgd(lr))
+    r = runs["sgd"] if lr == cfg.sgd_lr else train(sgd, learning_rate=lr)
     sgd_sweep[f"{lr:g}"] = dict(final_params=(r["w_x"], r["w_rec"]), end_loss=end_loss(r),
                                 skipped_steps=r["skipped_steps"])
 
@@ -192,7 +199,7 @@ def main(argv=None):
         f"(loss {'not finite at any step' if final is None else f'{final:.2e}'}); "
         f"adam: {metrics['final_params']['adam']}, "
         f"sgd: {metrics['final_params']['sgd']}")
-  sweep = {lr: "overflows" if r["end_loss"] is None else f"{r['end_loss']:.3g}"
+  sweep = {lr: "not finite" if r["end_loss"] is None else f"{r['end_loss']:.3g}"
            for lr, r in metrics["sgd_sweep"].items()}
   print("sgd's loss at the end, by learning rate: "
         + ", ".join(f"{k}: {v}" for k, v in sweep.items()))
