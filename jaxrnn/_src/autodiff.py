@@ -9,12 +9,15 @@ batch axis and run in one scan.
 """
 
 import functools
+from typing import Literal, Optional, Sequence, Tuple, overload
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxrnn._src import checks, sharding, windows
-from jaxrnn._src.bptt import _OPTIONS
+from jaxrnn._src.bptt import _OPTIONS, GradResult
+from jaxrnn._src.params import RNNParams, States
 from jaxrnn._src.rnn import forward_layers, readout, step_losses, weighted_total
 
 
@@ -32,6 +35,7 @@ def full_loss(params, h0, inp: checks.Inputs, loss: str):
 
 def _truncated_loss(params, h0, inp: checks.Inputs, loss: str):
   T, B = inp.xs.shape[:2]
+  assert inp.truncation is not None, "the untruncated loss is full_loss"
   win = windows.make_windows(T, inp.truncation)
   C = win.steps.shape[0]
   # Exact forward states; as window starts they are constants.
@@ -54,10 +58,32 @@ def _truncated_loss(params, h0, inp: checks.Inputs, loss: str):
   return value, hs
 
 
+@overload
+def autodiff_bptt(params: RNNParams, xs: ArrayLike, targets: ArrayLike, *, loss: str = ...,
+                  many_to_one: bool = ..., h0: Optional[Sequence[ArrayLike]] = ...,
+                  tau_max: Optional[int] = ..., tau_b: Optional[int] = ...,
+                  lengths: Optional[ArrayLike] = ..., loss_weights: Optional[ArrayLike] = ...,
+                  resets: Optional[ArrayLike] = ...,
+                  return_dh0: Literal[False] = ...) -> Tuple[jax.Array, RNNParams]: ...
+@overload
+def autodiff_bptt(params: RNNParams, xs: ArrayLike, targets: ArrayLike, *, loss: str = ...,
+                  many_to_one: bool = ..., h0: Optional[Sequence[ArrayLike]] = ...,
+                  tau_max: Optional[int] = ..., tau_b: Optional[int] = ...,
+                  lengths: Optional[ArrayLike] = ..., loss_weights: Optional[ArrayLike] = ...,
+                  resets: Optional[ArrayLike] = ...,
+                  return_dh0: Literal[True]) -> Tuple[jax.Array, RNNParams, States]: ...
+@overload
+def autodiff_bptt(params: RNNParams, xs: ArrayLike, targets: ArrayLike, *, loss: str = ...,
+                  many_to_one: bool = ..., h0: Optional[Sequence[ArrayLike]] = ...,
+                  tau_max: Optional[int] = ..., tau_b: Optional[int] = ...,
+                  lengths: Optional[ArrayLike] = ..., loss_weights: Optional[ArrayLike] = ...,
+                  resets: Optional[ArrayLike] = ..., return_dh0: bool) -> GradResult: ...
 @checks.params_checked
-def autodiff_bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
-                  tau_max=None, tau_b=None, lengths=None, loss_weights=None, resets=None,
-                  return_dh0=False):
+def autodiff_bptt(params: RNNParams, xs: ArrayLike, targets: ArrayLike, *, loss: str = "mse",
+                  many_to_one: bool = False, h0: Optional[Sequence[ArrayLike]] = None,
+                  tau_max: Optional[int] = None, tau_b: Optional[int] = None,
+                  lengths: Optional[ArrayLike] = None, loss_weights: Optional[ArrayLike] = None,
+                  resets: Optional[ArrayLike] = None, return_dh0: bool = False) -> GradResult:
   """Loss and gradients by ``jax.value_and_grad``: the reference for :func:`bptt`.
 
   ``autodiff_bptt :: (params, [T,B,D], targets) -> (scalar, grads like params)``;

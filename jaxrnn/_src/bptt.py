@@ -29,19 +29,24 @@ layer's states, one [T, B, H] gradient buffer and δo.
 """
 
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import List, Literal, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from jaxrnn._src import checks, kernels, sharding, windows
 from jaxrnn._src.activations import get_activation
-from jaxrnn._src.params import LayerParams, Readout, RNNParams
+from jaxrnn._src.params import LayerParams, Readout, RNNParams, States
 from jaxrnn._src.rnn import (LoopPlan, at_step, class_check, default_unroll, forward_layers,
                              log_softmax, p_minus_onehot, read_block, readout, set_step,
                              weighted_total, write_block, xent_terms)
+
+
+# What bptt and autodiff_bptt return: (loss, grads), or (loss, grads, dh0) with return_dh0.
+GradResult = Union[Tuple[jax.Array, RNNParams], Tuple[jax.Array, RNNParams, States]]
 
 
 class _Backward(NamedTuple):
@@ -173,27 +178,35 @@ def backward_layers(params, xs, hs, h_start, g, g0, valid=None, reset=None, h_re
   """
   fprime = get_activation(params.activation).grad_from_output
   L = len(params.layers)
-  grads, d_start, d_reset, deltas = [None] * L, [None] * L, [None] * L, [None] * L
+  # Filled top layer first; reversed at the end.
+  grads: List[LayerParams] = []
+  d_start: List[jax.Array] = []
+  d_reset: List[Optional[jax.Array]] = []
+  deltas: List[Optional[jax.Array]] = []
   W_hy = None
   for l in reversed(range(L)):
     layer = params.layers[l]
     # Z[t-1] = δz_t, dz0 = δz_0
-    Z, dz0, d_start[l], d_reset[l], deltas[l] = _reverse_scan(
+    Z, dz0, d_start_l, d_reset_l, deltas_l = _reverse_scan(
         layer.W_hh, fprime, hs[l], g, g0, valid, reset, keep_deltas,
         None if dh_end is None else dh_end[l], plan)
+    d_start.append(d_start_l)
+    d_reset.append(d_reset_l)
+    deltas.append(deltas_l)
     top = l == L - 1
     W_xh, W_hh, W_hy_top = _weight_grads(
         xs if l == 0 else hs[l - 1], hs[l], h_start[l], Z, dz0, reset,
         None if reset is None else h_reset[l], d_out if top else None, fuse)
-    grads[l] = LayerParams(W_xh=W_xh, W_hh=W_hh,
-                           b_h=Z.sum((0, 1)) + dz0.sum(0))   # Δb_h = Σ_t δz_t
+    grads.append(LayerParams(W_xh=W_xh, W_hh=W_hh,
+                             b_h=Z.sum((0, 1)) + dz0.sum(0)))   # Δb_h = Σ_t δz_t
     if top:
       W_hy = W_hy_top
     if l > 0:   # S-delta to layer l-1, δz_t W_xhᵀ, shifted like Z
       # (once ΔW_xh is formed: Z's last use, so the product can take its memory)
-      W_xh = _after(layer.W_xh, grads[l].W_xh) if _order_for_memory(Z) else layer.W_xh
+      W_xh = _after(layer.W_xh, grads[-1].W_xh) if _order_for_memory(Z) else layer.W_xh
       g, g0 = jnp.einsum("tnh,dh->tnd", Z, W_xh), dz0 @ layer.W_xh.T
-  return _Backward(tuple(grads), tuple(d_start), tuple(d_reset), tuple(deltas), W_hy)
+  return _Backward(tuple(grads[::-1]), tuple(d_start[::-1]), tuple(d_reset[::-1]),
+                   tuple(deltas[::-1]), W_hy)
 
 
 # Largest (H + D)·(H + O) for which _weight_grads(fuse=True) forms one product.
@@ -389,7 +402,8 @@ class ManualResult(NamedTuple):
   grads: RNNParams
   dh0: Tuple[jax.Array, ...]              # one [B, H_l] per layer
   deltas: Tuple[Optional[jax.Array], ...]  # one [T, B, H_l] per layer, if asked for
-  hs: Tuple[jax.Array, ...]               # one [T, B, H_l] per layer: the forward states
+  hs: Optional[Tuple[jax.Array, ...]]     # one [T, B, H_l] per layer: the forward states
+  #                                         (None: not kept, in checkpointed mode)
 
 
 def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False,
@@ -406,7 +420,8 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
   out = readout(params, hs[-1])
   unit = inp.unit_weights
   value, d_out = _loss_and_output_grad(out, inp.targets, inp.weights, loss, B, unit)
-  truncated = inp.truncation is not None
+  truncation = inp.truncation
+  truncated = truncation is not None
   g, g0, d_readout = readout_backward(params, hs[-1], d_out, shifted=not truncated,
                                       scale=1.0 / B if unit else None)
 
@@ -419,7 +434,8 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
   else:
     # Each chunk's losses go back through its own window only; the chunks'
     # windows are stacked along the batch axis and share one reverse scan.
-    win = windows.make_windows(T, inp.truncation)
+    assert truncation is not None   # for type checkers: truncated
+    win = windows.make_windows(T, truncation)
     C = win.steps.shape[0]
     own = windows.chunk_weights(jnp.ones((T, B), g.dtype), win)[:, :, None]  # [W, C·B, 1]
     own_g = windows.gather(g, win, shift=True) * _next_steps(own)   # shifted, per window
@@ -432,12 +448,12 @@ def manual_bptt(params, inp: checks.Inputs, loss: str, keep_deltas: bool = False
         tuple(windows.start_states(h, h_0, win) for h, h_0 in zip(hs, inp.h0)),
         own_g, own_g0, valid_w, reset_w, h_reset_w, keep_deltas, plan=plan)
     reaches_h0 = jnp.asarray(win.from_start)[:, None, None]  # [C, 1, 1]
-    dh0 = []
+    dh0_l = []
     for s, r in zip(back.dh_start, back.dh_reset):
       s = s.reshape((C, B) + s.shape[1:])
       d = jnp.where(reaches_h0, s, 0).sum(0)   # a cut window's start state is a constant
-      dh0.append(d if r is None or not resets_reach_h0 else d + windows.sum_chunks(r, C))
-    dh0 = tuple(dh0)
+      dh0_l.append(d if r is None or not resets_reach_h0 else d + windows.sum_chunks(r, C))
+    dh0 = tuple(dh0_l)
     deltas = tuple(None if d is None else _scatter_windows(d, win, T) for d in back.deltas)
   grads = RNNParams(back.layers, d_readout, params.activation)
   return ManualResult(value, grads, dh0, deltas, hs)
@@ -486,10 +502,38 @@ def _bptt(params, xs, targets, *, loss, many_to_one, h0, tau_max, tau_b, lengths
   return (value, grads, per_example) if return_dh0 else (value, grads)
 
 
+@overload
+def bptt(params: RNNParams, xs: ArrayLike, targets: ArrayLike, *, loss: str = ...,
+         many_to_one: bool = ..., h0: Optional[Sequence[ArrayLike]] = ...,
+         tau_max: Optional[int] = ..., tau_b: Optional[int] = ...,
+         lengths: Optional[ArrayLike] = ..., loss_weights: Optional[ArrayLike] = ...,
+         resets: Optional[ArrayLike] = ..., return_dh0: Literal[False] = ...,
+         checkpoint_every: Optional[int] = ..., unroll: Optional[int] = ...,
+         fused: Optional[bool] = ...) -> Tuple[jax.Array, RNNParams]: ...
+@overload
+def bptt(params: RNNParams, xs: ArrayLike, targets: ArrayLike, *, loss: str = ...,
+         many_to_one: bool = ..., h0: Optional[Sequence[ArrayLike]] = ...,
+         tau_max: Optional[int] = ..., tau_b: Optional[int] = ...,
+         lengths: Optional[ArrayLike] = ..., loss_weights: Optional[ArrayLike] = ...,
+         resets: Optional[ArrayLike] = ..., return_dh0: Literal[True],
+         checkpoint_every: Optional[int] = ..., unroll: Optional[int] = ...,
+         fused: Optional[bool] = ...) -> Tuple[jax.Array, RNNParams, States]: ...
+@overload
+def bptt(params: RNNParams, xs: ArrayLike, targets: ArrayLike, *, loss: str = ...,
+         many_to_one: bool = ..., h0: Optional[Sequence[ArrayLike]] = ...,
+         tau_max: Optional[int] = ..., tau_b: Optional[int] = ...,
+         lengths: Optional[ArrayLike] = ..., loss_weights: Optional[ArrayLike] = ...,
+         resets: Optional[ArrayLike] = ..., return_dh0: bool,
+         checkpoint_every: Optional[int] = ..., unroll: Optional[int] = ...,
+         fused: Optional[bool] = ...) -> GradResult: ...
 @checks.params_checked
-def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max=None,
-         tau_b=None, lengths=None, loss_weights=None, resets=None, return_dh0=False,
-         checkpoint_every=None, unroll=None, fused=None):
+def bptt(params: RNNParams, xs: ArrayLike, targets: ArrayLike, *, loss: str = "mse",
+         many_to_one: bool = False, h0: Optional[Sequence[ArrayLike]] = None,
+         tau_max: Optional[int] = None, tau_b: Optional[int] = None,
+         lengths: Optional[ArrayLike] = None, loss_weights: Optional[ArrayLike] = None,
+         resets: Optional[ArrayLike] = None, return_dh0: bool = False,
+         checkpoint_every: Optional[int] = None, unroll: Optional[int] = None,
+         fused: Optional[bool] = None) -> GradResult:
   """Loss and gradients by hand-written backpropagation through time.
 
   ``bptt :: (params, [T,B,D], targets) -> (scalar, grads like params)``.
@@ -579,8 +623,11 @@ def bptt(params, xs, targets, *, loss="mse", many_to_one=False, h0=None, tau_max
 
 
 @checks.params_checked
-def backward_deltas(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
-                    tau_max=None, tau_b=None, lengths=None, loss_weights=None, resets=None):
+def backward_deltas(params: RNNParams, xs: ArrayLike, targets: ArrayLike, *, loss: str = "mse",
+                    many_to_one: bool = False, h0: Optional[Sequence[ArrayLike]] = None,
+                    tau_max: Optional[int] = None, tau_b: Optional[int] = None,
+                    lengths: Optional[ArrayLike] = None, loss_weights: Optional[ArrayLike] = None,
+                    resets: Optional[ArrayLike] = None) -> States:
   """The backward deltas δh^l_t = ∂L/∂h^l_t of every layer and step (manual pass).
 
   ``backward_deltas :: (params, [T,B,D], targets) -> ([T,B,H_1], ..., [T,B,H_L])``.

@@ -11,16 +11,22 @@ expected and what was given. Checks on *values* (for example that every
 import functools
 import inspect
 import numbers
-from typing import NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, ParamSpec, Tuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxrnn._src import sharding
 from jaxrnn._src.activations import get_activation
 
+if TYPE_CHECKING:   # params imports this module
+  from jaxrnn._src.params import RNNParams
+
 LOSSES = ("mse", "xent")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _shape(x) -> Tuple[int, ...]:
@@ -78,20 +84,33 @@ def check_params_type(params) -> None:
                     f"got {type(params).__name__}{hint}.")
 
 
-def params_checked(fn):
+def params_checked(fn: Callable[P, R], *, jit: bool = False) -> Callable[P, R]:
   """``fn(params, ...)``, checking ``params``'s type first: every public entry point.
 
-  Keeps ``fn``'s signature and docstring, and a jit function's ``lower``,
-  ``trace``, ``eval_shape``, ``clear_cache`` and cache size.
+  Keeps ``fn``'s signature, annotations and docstring. ``jit``: the check is
+  followed by ``jax.jit(fn)`` (see :func:`jit_checked`), and the wrapper offers
+  that function's ``lower``, ``trace``, ``eval_shape``, ``clear_cache`` and
+  cache size.
   """
+  inner: Callable[..., Any] = fn
+  if jit:
+    inner = jax.jit(fn)
+
   @functools.wraps(fn)
-  def call(params, *args, **kwargs):
-    check_params_type(params)
-    return fn(params, *args, **kwargs)
+  def call(*args: P.args, **kwargs: P.kwargs) -> R:
+    if args or "params" in kwargs:   # else fn's own TypeError names what is missing
+      check_params_type(args[0] if args else kwargs["params"])
+    return inner(*args, **kwargs)
   for name in ("lower", "trace", "eval_shape", "clear_cache", "_cache_size"):
-    if hasattr(fn, name):
-      setattr(call, name, getattr(fn, name))
+    if hasattr(inner, name):
+      setattr(call, name, getattr(inner, name))
   return call
+
+
+def jit_checked(fn: Callable[P, R]) -> Callable[P, R]:
+  """``jax.jit(fn)`` behind :func:`params_checked`, typed as ``fn`` (``jax.jit``'s
+  own annotation keeps neither the parameters nor the return type)."""
+  return params_checked(fn, jit=True)
 
 
 def check_params(params) -> None:
@@ -172,19 +191,25 @@ def _refuse_traced(name: str, value) -> None:
         f"functools.partial before jitting.")
 
 
-def check_int_option(name: str, value, *, allow_none: bool = True,
-                     minimum: int = 1) -> Optional[int]:
-  """Checks a static integer option such as ``tau_max`` (at least ``minimum``)."""
+def check_int(name: str, value, *, minimum: int = 1, or_none: bool = False) -> int:
+  """Checks a static integer such as ``num_steps`` (at least ``minimum``).
+
+  ``or_none``: the message says that None is accepted too (see
+  :func:`check_int_option`).
+  """
   _refuse_traced(name, value)
-  if value is None and allow_none:
-    return None
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-    raise ValueError(f"{name} must be {kind}{' or None' if allow_none else ''}; "
+    raise ValueError(f"{name} must be {kind}{' or None' if or_none else ''}; "
                      f"got {value!r} ({type(value).__name__}).")
   if value < minimum:
     raise ValueError(f"{name} must be >= {minimum}; got {value}.")
   return int(value)
+
+
+def check_int_option(name: str, value, *, minimum: int = 1) -> Optional[int]:
+  """Checks a static integer option that may be None, such as ``tau_max``."""
+  return None if value is None else check_int(name, value, minimum=minimum, or_none=True)
 
 
 def check_bool(name: str, value) -> bool:
@@ -268,8 +293,9 @@ class Inputs(NamedTuple):
   h0: Tuple[jax.Array, ...]       # one [B, H_l] per layer
   valid: Optional[jax.Array]      # [T, B] bool, False past a sequence's length
   reset: Optional[jax.Array]      # [T, B] bool, resets at valid steps only
-  targets: jax.Array              # [T, B, O] float (mse) / [T, B] int (xent); 0 where unscored
-  weights: jax.Array              # [T, B] weight of each step's loss term
+  # [T, B, O] float (mse) / [T, B] int (xent); 0 where unscored. None: forward only.
+  targets: Optional[jax.Array]
+  weights: Optional[jax.Array]    # [T, B] weight of each step's loss term; None: forward only
   truncation: Optional[Truncation]
   # The state a reset restores; None: h0 itself (then resets add to dL/dh0).
   h_reset: Optional[Tuple[jax.Array, ...]] = None
@@ -413,7 +439,8 @@ def prepare(params, xs, targets=None, *, loss="mse", many_to_one=False, h0=None,
   return Inputs(xs, h0, valid, reset, targets, weights, truncation, unit_weights=unit)
 
 
-def validate_inputs(params, xs, targets=None, **options) -> None:
+def validate_inputs(params: "RNNParams", xs: ArrayLike, targets: Optional[ArrayLike] = None,
+                    **options: Any) -> None:
   """Eagerly checks shapes *and values* of concrete inputs; raises on the first problem.
 
   On top of the trace-time checks every public function already runs, this

@@ -20,6 +20,10 @@ from jaxrnn._src import checks
 from jaxrnn._src.activations import get_activation
 
 
+# One array per layer, bottom first: states [B, H_l], or [T, B, H_l] over time.
+States = Tuple[jax.Array, ...]
+
+
 class LayerParams(NamedTuple):
   """Weights of one recurrent layer: ``W_xh`` [D_in, H], ``W_hh`` [H, H], ``b_h`` [H].
 
@@ -53,11 +57,16 @@ class RNNParams(NamedTuple):
   activation: str = "tanh"         # static: "tanh" | "sigmoid" | "relu" | "identity"
 
 
+def _unflatten(activation: str, children) -> RNNParams:
+  layers, readout = children
+  return RNNParams(layers, readout, activation)
+
+
 jax.tree_util.register_pytree_with_keys(
     RNNParams,
     lambda p: (((jax.tree_util.GetAttrKey("layers"), p.layers),
                 (jax.tree_util.GetAttrKey("readout"), p.readout)), p.activation),
-    lambda activation, children: RNNParams(*children, activation),
+    _unflatten,
     flatten_func=lambda p: ((p.layers, p.readout), p.activation),
 )
 
@@ -105,17 +114,17 @@ def init_params(
                     f"jax.random.PRNGKey(seed); got {type(key).__name__} of shape "
                     f"{np.shape(key)}.")
   if isinstance(hidden_sizes, numbers.Integral):
-    hidden_sizes = (hidden_sizes,)
+    given: Tuple = (hidden_sizes,)
   elif (isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, Iterable)
         or getattr(hidden_sizes, "ndim", None) == 0):   # a float, None, a 0-d array
     raise ValueError(f"hidden_sizes must be a positive int or a sequence of them; "
                      f"got {hidden_sizes!r} ({type(hidden_sizes).__name__}).")
-  hidden_sizes = tuple(hidden_sizes)
-  if not hidden_sizes:
+  else:
+    given = tuple(hidden_sizes)
+  if not given:
     raise ValueError("hidden_sizes must name at least one layer; got ().")
-  check = functools.partial(checks.check_int_option, allow_none=False)
-  input_size = check("input_size", input_size)
-  hidden_sizes = tuple(check(f"hidden_sizes[{i}]", h) for i, h in enumerate(hidden_sizes))
+  input_size = checks.check_int("input_size", input_size)
+  sizes = tuple(checks.check_int(f"hidden_sizes[{i}]", h) for i, h in enumerate(given))
   output_size = checks.check_int_option("output_size", output_size)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be a floating dtype; got {dtype}.")
@@ -127,7 +136,7 @@ def init_params(
                   f"jax.config.update('jax_enable_x64', True) first for {dtype.name}.",
                   UserWarning, stacklevel=2)
     dtype = jax.dtypes.canonicalize_dtype(dtype)
-  return _init(key, input_size, hidden_sizes, output_size, activation, dtype)
+  return _init(key, input_size, sizes, output_size, activation, dtype)
 
 
 def _is_one_key(key) -> bool:

@@ -21,12 +21,14 @@ import os
 import pathlib
 import re
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import jax
 import numpy as np
 
 from jaxrnn._src import checks
+
+Path = Union[str, os.PathLike]   # a checkpoint folder
 
 PATTERN = "ckpt_{:09d}.npz"
 _NAME = re.compile(r"ckpt_(\d+)\.npz")
@@ -34,7 +36,7 @@ _FOREIGN = "_leaf_dtypes"   # record key: dtype names of leaves stored as raw bi
 _KEYS = "_leaf_key_impls"   # record key: PRNG implementations of leaves stored as key data
 
 
-def _folder(directory) -> pathlib.Path:
+def _folder(directory: Path) -> pathlib.Path:
   """``directory`` as a Path; a NotADirectoryError if something else has its name."""
   path = pathlib.Path(directory)
   if path.exists() and not path.is_dir():
@@ -45,7 +47,7 @@ def _folder(directory) -> pathlib.Path:
 def _checkpoints(directory: pathlib.Path):
   """The checkpoint files in ``directory``, oldest step first (by number, not by name)."""
   steps = {p: int(m[1]) for p in directory.glob("ckpt_*.npz") if (m := _NAME.fullmatch(p.name))}
-  return sorted(steps, key=steps.get)
+  return sorted(steps, key=steps.__getitem__)
 
 
 def _is_key(x) -> bool:
@@ -67,7 +69,8 @@ def _digest(arrays, record: str) -> str:
   return h.hexdigest()
 
 
-def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> pathlib.Path:
+def save(directory: Path, step: int, state: Any, record: Dict[str, Any],
+         keep: int = 3) -> pathlib.Path:
   """Atomically writes the checkpoint of ``step``; keeps the newest ``keep`` files.
 
   Args:
@@ -77,8 +80,8 @@ def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> 
     record: JSON-serialisable data (metrics so far, counters, data position).
     keep: how many checkpoints to keep (>= 1).
   """
-  step = checks.check_int_option("step", step, allow_none=False, minimum=0)
-  keep = checks.check_int_option("keep", keep, allow_none=False)
+  step = checks.check_int("step", step, minimum=0)
+  keep = checks.check_int("keep", keep)
   directory = _folder(directory)
   leaves = jax.tree.leaves(state)
   record = dict(record, step=step)
@@ -94,12 +97,12 @@ def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> 
     arrays = [a if name is None else a.view(f"u{a.dtype.itemsize}")
               for a, name in zip(arrays, foreign)]
   try:
-    record = json.dumps(record, sort_keys=True)
+    text = json.dumps(record, sort_keys=True)
   except TypeError as e:
     raise TypeError(f"record must be JSON-serialisable (numbers, strings, lists, dicts): "
                     f"{e}.") from e
   buf = io.BytesIO()
-  np.savez(buf, *arrays, record=np.array(record), digest=np.array(_digest(arrays, record)))
+  np.savez(buf, *arrays, record=np.array(text), digest=np.array(_digest(arrays, text)))
   directory.mkdir(parents=True, exist_ok=True)
   path = directory / PATTERN.format(step)
   tmp = path.with_suffix(".tmp")
@@ -113,7 +116,7 @@ def save(directory, step: int, state, record: Dict[str, Any], keep: int = 3) -> 
   return path
 
 
-def start_from(directory, template, *, resume: bool = True,
+def start_from(directory: Path, template: Any, *, resume: bool = True,
                num_steps: Optional[int] = None) -> Optional[Tuple[Any, Dict[str, Any]]]:
   """Where a training loop that checkpoints into ``directory`` starts.
 
@@ -159,7 +162,7 @@ def start_from(directory, template, *, resume: bool = True,
   return None
 
 
-def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
+def load_latest(directory: Path, template: Any) -> Optional[Tuple[Any, Dict[str, Any]]]:
   """``(state, record)`` of the newest intact checkpoint, or None if there is none.
 
   ``template`` is a pytree with the structure, shapes and dtypes of the saved
@@ -172,14 +175,14 @@ def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
     try:
       # The file is opened here: np.load leaves it open when the zip is unreadable.
       with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-        record = str(z["record"])
+        text = str(z["record"])
         saved = sum(1 for name in z.files if name.startswith("arr_"))
         if saved != len(leaves):   # another optimizer or model
           raise ValueError(f"it holds {saved} arrays, the state has {len(leaves)}")
         arrays = [z[f"arr_{i}"] for i in range(len(leaves))]
-        if str(z["digest"]) != _digest(arrays, record):
+        if str(z["digest"]) != _digest(arrays, text):
           raise ValueError("its checksum does not match its contents")
-      record = json.loads(record)
+      record = json.loads(text)
       foreign = record.pop(_FOREIGN, [None] * len(arrays))
       impls = record.pop(_KEYS, [None] * len(arrays))
       arrays = [a if name is None else a.view(jax.numpy.dtype(name))
@@ -189,7 +192,7 @@ def load_latest(directory, template) -> Optional[Tuple[Any, Dict[str, Any]]]:
       for i, (a, t) in enumerate(zip(arrays, leaves)):
         if _spec(a) != _spec(t):
           raise ValueError(f"array {i} is {_spec(a)}, the state expects {_spec(t)}")
-      return treedef.unflatten([jax.numpy.asarray(a) for a in arrays]), record
+      return jax.tree.unflatten(treedef, [jax.numpy.asarray(a) for a in arrays]), record
     except Exception as e:  # noqa: BLE001 - any unreadable file means: try the previous one
       then = "Falling back to the previous checkpoint." if n else "It was the oldest one."
       warnings.warn(f"skipping checkpoint {path}: {type(e).__name__}: {e}. {then}",

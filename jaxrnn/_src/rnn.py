@@ -17,16 +17,17 @@ state instead of ``h_{t-1}``.
 """
 
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 import numpy as np
 
 from jaxrnn._src import checks, kernels
 from jaxrnn._src.activations import get_activation
-from jaxrnn._src.params import LayerParams
+from jaxrnn._src.params import LayerParams, RNNParams, States
 
 
 def elman_step(layer: LayerParams, h: jax.Array, x: jax.Array, *,
@@ -222,7 +223,8 @@ class LoopPlan(NamedTuple):
   def fuses(self, state, valid=None, reset=None) -> bool:
     """Whether a loop over states like ``state`` [..., N, H], with these masks
     (None: none), runs as one kernel (:func:`kernels.use_fused`)."""
-    return kernels.use_fused(self.fused, *state.shape[-2:], state.dtype,
+    n, H = state.shape[-2:]
+    return kernels.use_fused(self.fused, n, H, state.dtype,
                              valid is not None or reset is not None)
 
   def small_product(self, W, n: int, T: int) -> bool:
@@ -472,9 +474,10 @@ def weighted_total(terms, weights, batch: int):
   return (jnp.sum(weights * terms, dtype=acc) / batch).astype(terms.dtype)
 
 
-@checks.params_checked
-@jax.jit
-def forward(params, xs, h0=None, *, lengths=None, resets=None):
+@checks.jit_checked
+def forward(params: RNNParams, xs: ArrayLike, h0: Optional[Sequence[ArrayLike]] = None, *,
+            lengths: Optional[ArrayLike] = None,
+            resets: Optional[ArrayLike] = None) -> Tuple[States, States, jax.Array]:
   """Runs the RNN over a batch of sequences (``lax.scan`` over time).
 
   .. math::
@@ -505,8 +508,10 @@ def forward(params, xs, h0=None, *, lengths=None, resets=None):
 
 
 @checks.params_checked
-def loss(params, xs, targets, *, loss="mse", many_to_one=False, h0=None,
-         lengths=None, loss_weights=None, resets=None):
+def loss(params: RNNParams, xs: ArrayLike, targets: ArrayLike, *, loss: str = "mse",
+         many_to_one: bool = False, h0: Optional[Sequence[ArrayLike]] = None,
+         lengths: Optional[ArrayLike] = None, loss_weights: Optional[ArrayLike] = None,
+         resets: Optional[ArrayLike] = None) -> jax.Array:
   """Training loss of the RNN on a batch (a scalar).
 
   .. math::

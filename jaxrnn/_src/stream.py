@@ -17,7 +17,7 @@ weight on the kept steps). With fixed parameters the calls' gradients sum to
 """
 
 import functools
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ import optax
 from jaxrnn._src import checks, sharding
 from jaxrnn._src.autodiff import full_loss
 from jaxrnn._src.bptt import manual_bptt
+from jaxrnn._src.params import RNNParams
 from jaxrnn._src.rnn import LoopPlan, default_unroll
 from jaxrnn._src.train import check_opt_state, check_optimizer, optimizer_update
 
@@ -46,8 +47,11 @@ class StreamState(NamedTuple):
 
 class TBPTTStream(NamedTuple):
   """``init`` and jitted ``step`` of streaming truncated BPTT (optax style)."""
-  init: Callable
-  step: Callable
+  # (params, batch_size, h0=None) -> (opt_state, stream state)
+  init: Callable[..., Tuple[Any, StreamState]]
+  # (params, opt_state, state, xs, targets, resets=None, loss_weights=None)
+  #   -> (params, opt_state, state, loss)
+  step: Callable[..., Tuple[RNNParams, Any, StreamState, jax.Array]]
 
 
 def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, loss,
@@ -89,7 +93,8 @@ def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, los
   weights = jnp.concatenate([split(jnp.zeros((P, B), dtype)), split(own)], axis=0)
   inp = checks.prepare(params, xs_w, targets_w, loss=loss, h0=state.h_start,
                        loss_weights=weights, resets=resets_w)
-  inp = inp._replace(h_reset=tuple(sharding.split_like(h, xs, axis=0) for h in state.h_init))
+  h_init = tuple(sharding.split_like(h, xs, axis=0) for h in state.h_init)
+  inp = inp._replace(h_reset=h_init)
 
   def compute(params, inp):
     if method == "manual":
@@ -106,7 +111,7 @@ def window_grads(params, state: StreamState, xs, targets, *, tau_b, tau_max, los
   new_state = StreamState(
       h=h_last,
       h_start=h_start,
-      h_init=inp.h_reset,                 # as given (split as the chunk is)
+      h_init=h_init,                      # as given (split as the chunk is)
       xs_kept=xs_w[tau_b:],
       resets_kept=resets_w[tau_b:],
       kept=jnp.minimum(state.kept + tau_b, P).astype(jnp.int32),
@@ -156,8 +161,8 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
     >>> for xs, ys in chunks:                      # xs [25, 8, D], ys [25, 8]
     ...   params, opt_state, state, loss = stream.step(params, opt_state, state, xs, ys)
   """
-  tau_b = checks.check_int_option("tau_b", tau_b, allow_none=False)
-  tau_max = tau_b if tau_max is None else checks.check_int_option("tau_max", tau_max)
+  tau_b = checks.check_int("tau_b", tau_b)
+  tau_max = tau_b if tau_max is None else checks.check_int("tau_max", tau_max, or_none=True)
   checks.check_truncation(tau_max, tau_b, tau_max + 1)
   checks.check_static_options(loss, many_to_one=False)
   if method not in METHODS:
@@ -167,7 +172,7 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
 
   def init(params, batch_size: int, h0=None):
     checks.check_params(params)
-    batch_size = checks.check_int_option("batch_size", batch_size, allow_none=False)
+    batch_size = checks.check_int("batch_size", batch_size)
     dtype = checks.param_dtype(params)
     D = checks.input_size(params)
     if h0 is None:
@@ -205,8 +210,7 @@ def make_tbptt_stream(optimizer: optax.GradientTransformation, *, tau_b: int,
                        f"init(params, batch_size).")
     return xs, targets, resets, loss_weights
 
-  @checks.params_checked
-  @jax.jit
+  @checks.jit_checked
   def step(params, opt_state, state, xs, targets, resets=None, loss_weights=None):
     xs, targets, resets, loss_weights = check_chunk(params, state, xs, targets, resets,
                                                     loss_weights)

@@ -10,17 +10,19 @@ import collections.abc
 import functools
 import inspect
 import numbers
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 from tqdm.auto import tqdm
 
 from jaxrnn._src import checks, persist
 from jaxrnn._src.autodiff import autodiff_bptt
 from jaxrnn._src.bptt import bptt
+from jaxrnn._src.params import RNNParams
 
 GRAD_METHODS = ("manual", "autodiff")  # jaxrnn.bptt, jaxrnn.autodiff_bptt
 
@@ -30,6 +32,11 @@ class StepMetrics(NamedTuple):
   loss: jax.Array       # scalar, the batch loss before the update
   grad_norm: jax.Array  # scalar, global norm of the (unclipped) gradient
   skipped: jax.Array    # bool scalar: the loss or gradient was not finite, nothing changed
+
+
+# make_train_step's step: (params, opt_state, xs, targets, *, h0, lengths, loss_weights,
+# resets) -> (params, opt_state, metrics).
+TrainStep = Callable[..., Tuple[RNNParams, Any, StepMetrics]]
 
 
 class NonFiniteError(RuntimeError):
@@ -55,6 +62,8 @@ def check_opt_state(optimizer, params, opt_state) -> None:
   argument (an AttributeError on a state field, or a broadcasting error).
   """
   want, got = jax.eval_shape(optimizer.init, params), opt_state
+  want_def: Any   # (jaxlib's type stubs give PyTreeDef no == or !=)
+  got_def: Any
   (want_leaves, want_def), (got_leaves, got_def) = (
       jax.tree_util.tree_flatten_with_path(t) for t in (want, got))
   remedy = "Make it with optimizer.init(params) for this optimizer and these params."
@@ -115,7 +124,7 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
                     loss: str = "mse", many_to_one: bool = False,
                     tau_max: Optional[int] = None, tau_b: Optional[int] = None,
                     clip_norm: Optional[float] = None, checkpoint_every: Optional[int] = None,
-                    unroll: Optional[int] = None, fused: Optional[bool] = None) -> Callable:
+                    unroll: Optional[int] = None, fused: Optional[bool] = None) -> TrainStep:
   """A jitted optax train step on ``jaxrnn.bptt`` or ``jaxrnn.autodiff_bptt``.
 
   Args:
@@ -163,7 +172,7 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
     checks.check_int_option("checkpoint_every", checkpoint_every)
     checks.check_int_option("unroll", unroll)
     checks.check_optional_bool("fused", fused)
-    grad_fn = functools.partial(bptt, **manual_options)
+    grad_fn: Callable[..., Any] = functools.partial(bptt, **manual_options)
   elif given:
     raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only "
                      f"to method='manual'; got method={method!r} "
@@ -171,10 +180,11 @@ def make_train_step(optimizer: optax.GradientTransformation, *, method: str = "m
   else:
     grad_fn = autodiff_bptt
 
-  @checks.params_checked
-  @jax.jit
-  def step(params, opt_state, xs, targets, *, h0=None, lengths=None, loss_weights=None,
-           resets=None):
+  @checks.jit_checked
+  def step(params: RNNParams, opt_state: Any, xs: ArrayLike, targets: ArrayLike, *,
+           h0: Optional[Sequence[ArrayLike]] = None, lengths: Optional[ArrayLike] = None,
+           loss_weights: Optional[ArrayLike] = None,
+           resets: Optional[ArrayLike] = None) -> Tuple[RNNParams, Any, StepMetrics]:
     loss_and_grads = functools.partial(
         grad_fn, xs=xs, targets=targets, loss=loss, many_to_one=many_to_one, h0=h0,
         tau_max=tau_max, tau_b=tau_b, lengths=lengths, loss_weights=loss_weights,
@@ -241,7 +251,7 @@ class FitResult(NamedTuple):
   skipped: int                     # steps skipped for non-finite loss or gradient
 
 
-def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, Any]],
+def fit(step: Callable, params: RNNParams, opt_state: Any, batches: Callable[[int], Dict[str, Any]],
         num_steps: int, *, log_every: int = 10, max_consecutive_skips: int = 20,
         progress: bool = True, desc: str = "train", checkpoint_dir=None,
         checkpoint_every: int = 100, resume: bool = True) -> FitResult:
@@ -292,12 +302,12 @@ def fit(step: Callable, params, opt_state, batches: Callable[[int], Dict[str, An
   for name, fn in (("step", step), ("batches", batches)):
     if not callable(fn):
       raise TypeError(f"{name} must be callable; got {type(fn).__name__}.")
-  num_steps = checks.check_int_option("num_steps", num_steps, allow_none=False, minimum=0)
+  num_steps = checks.check_int("num_steps", num_steps, minimum=0)
   for name, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
                       ("max_consecutive_skips", max_consecutive_skips)):
-    checks.check_int_option(name, value, allow_none=False)
+    checks.check_int(name, value)
   read_batch = _batch_reader(step, batches)
-  history = {"step": [], "loss": [], "grad_norm": []}
+  history: Dict[str, List[float]] = {"step": [], "loss": [], "grad_norm": []}
   skipped = consecutive = start = 0
   if checkpoint_dir is not None:
     found = persist.start_from(checkpoint_dir, (params, opt_state), resume=resume,
