@@ -155,7 +155,7 @@ def test_full_config_meets_its_targets(name, full_runs):
     ("truncation", ["--lag", "0"], "--lag must be > 0; got 0"),
     ("compare_gradients", ["--repeats", "0"], "--repeats must be > 0"),
     ("bench", ["--precision", "tf32"], "--precision must be one of ('default', 'float32')"),
-    ("bench", ["--points", "(9,)"], "--points must be distinct row indices in [0, 9) of the grid"),
+    ("bench", ["--points", "(10,)"], "--points must be distinct row indices in [0, 10) of the grid"),
     ("profile_ops", ["--calls", "0"], "--calls must be > 0"),
     ("profile_ops", ["--tau_max", "2", "--tau_b", "3"], "--tau_max must be >= --tau_b; got 2 < 3"),
 ])
@@ -281,7 +281,8 @@ def test_bench_smoke(tmp_path):
   for r in result["rows"]:
     assert all(np.isfinite(t) and t > 0 for t in r["time_s"].values())
     assert r["temp_bytes"]["jaxrnn.bptt"] > 0
-  assert "checkpoint" in result["summary"]
+  (ck,) = result["summary"]["checkpoint"]     # one checkpointed row in the smoke grid
+  assert ck["mode"] == "bptt checkpoint_every=7" and 0 < ck["temp_memory_ratio"] < 1
 
 
 def test_bench_points_and_environment(tmp_path, monkeypatch):
@@ -290,8 +291,8 @@ def test_bench_points_and_environment(tmp_path, monkeypatch):
   assert bench.select_points(bench.GRID, ()) == bench.GRID
   assert bench.select_points(bench.GRID, 2) == (bench.GRID[2],)
   assert bench.select_points(bench.GRID, (5, 0)) == (bench.GRID[5], bench.GRID[0])
-  for bad in ((9,), (-1,), (1, 1), (True,), ("2",)):
-    with pytest.raises(ValueError, match=r"points must be distinct row indices in \[0, 9\)"):
+  for bad in ((10,), (-1,), (1, 1), (True,), ("2",)):
+    with pytest.raises(ValueError, match=r"points must be distinct row indices in \[0, 10\)"):
       bench.select_points(bench.GRID, bad)
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
   monkeypatch.delenv("XLA_FLAGS", raising=False)
